@@ -1,0 +1,333 @@
+package checkpoint
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/cowmig/cowmig/checkpoint/image"
+	"github.com/cowmig/cowmig/checkpoint/inject"
+	"github.com/cowmig/cowmig/checkpoint/procfs"
+)
+
+// Errors kinds of the engine.
+var (
+	ErrUnsupported = errors.New("unsupported process state")
+	ErrNoProcess   = errors.New("no such process")
+	ErrPermission  = errors.New("permission denied")
+	ErrBadImage    = image.ErrBadImage
+)
+
+// Options configure a dump.
+type Options struct {
+	Mode image.Mode
+	// Dir is the image directory; it is created if missing.
+	Dir string
+	// Endpoint and Token are written into a live image: where the page
+	// server that serves the returned Snapshot will listen.
+	Endpoint string
+	Token    []byte
+	// PipeSize is the size of one pin pipe; 0 means fs.pipe-max-size
+	// capped at 4 MiB.
+	PipeSize int
+}
+
+// Result describes a finished dump.
+type Result struct {
+	Image  *image.Image
+	Freeze time.Duration
+	// Snapshot keeps the COW window of a live or full dump; nil for stop.
+	// A full dump's Snapshot is already drained and released.
+	Snapshot *Snapshot
+}
+
+// Dump checkpoints process pid into o.Dir. It returns once the image is
+// written and the process runs again. In live mode the returned Snapshot
+// serves the lazy pages; the caller must Release it.
+func Dump(ctx context.Context, pid int, o Options) (*Result, error) {
+	if o.Mode == "" {
+		o.Mode = image.ModeLive
+	}
+	if !o.Mode.Valid() {
+		return nil, fmt.Errorf("dump: unknown mode %q", o.Mode)
+	}
+	if o.Mode == image.ModeLive && (o.Endpoint == "" || len(o.Token) != 32) {
+		return nil, fmt.Errorf("dump: live mode needs a page-server endpoint and a 32-byte token")
+	}
+	if _, err := os.Stat(fmt.Sprintf("/proc/%d", pid)); err != nil {
+		return nil, fmt.Errorf("dump pid %d: %w", pid, ErrNoProcess)
+	}
+	if err := os.MkdirAll(o.Dir, 0o700); err != nil {
+		return nil, fmt.Errorf("create image dir: %w", err)
+	}
+	pages, err := os.OpenFile(filepath.Join(o.Dir, image.PagesFile), os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("create pages file: %w", err)
+	}
+	defer pages.Close()
+
+	d := &dumper{pid: pid, o: o, pages: pages}
+	start := time.Now()
+	tr, err := inject.Seize(pid, inject.Options{SuspendSeccomp: true})
+	if err != nil {
+		if errors.Is(err, unix.ESRCH) || errors.Is(err, inject.ErrTraceeGone) {
+			return nil, fmt.Errorf("seize pid %d: %w: %v", pid, ErrNoProcess, err)
+		}
+		if errors.Is(err, unix.EPERM) {
+			return nil, fmt.Errorf("seize pid %d: %w: %v", pid, ErrPermission, err)
+		}
+		return nil, fmt.Errorf("seize pid %d: %w", pid, err)
+	}
+	d.tr = tr
+	snap, err := d.frozen()
+	detachErr := tr.Detach()
+	freeze := time.Since(start)
+	if err != nil || detachErr != nil {
+		if snap != nil {
+			snap.Release()
+		}
+		return nil, errors.Join(err, detachErr)
+	}
+	d.img.Stats.FreezeNs = freeze.Nanoseconds()
+	res := &Result{Image: d.img, Freeze: freeze}
+	if snap != nil {
+		snap.start()
+		if o.Mode == image.ModeFull {
+			if err := snap.drainAll(ctx); err != nil {
+				snap.Release()
+				return nil, fmt.Errorf("drain snapshot into image: %w", err)
+			}
+			snap.Release()
+			snap = nil
+		}
+	}
+	if err := image.Write(o.Dir, d.img); err != nil {
+		if snap != nil {
+			snap.Release()
+		}
+		return nil, err
+	}
+	res.Snapshot = snap
+	return res, nil
+}
+
+// dumper holds one dump in progress. It is used by one goroutine.
+type dumper struct {
+	pid   int
+	o     Options
+	tr    *inject.Process
+	img   *image.Image
+	pages *os.File
+	// pagesOff is the next free offset in pages.img.
+	pagesOff uint64
+}
+
+// frozen runs while every thread is stopped: it records the state and
+// takes the memory snapshot. The caller detaches afterwards on every path.
+func (d *dumper) frozen() (*Snapshot, error) {
+	id := make([]byte, 8)
+	rand.Read(id)
+	d.img = &image.Image{
+		Version:    image.FormatVersion,
+		Mode:       d.o.Mode,
+		SnapshotID: hex.EncodeToString(id),
+		CreatedNs:  time.Now().UnixNano(),
+		Arch:       "x86_64",
+	}
+	if d.o.Mode == image.ModeLive {
+		d.img.Endpoint = d.o.Endpoint
+		d.img.Token = d.o.Token
+	}
+	p, err := d.process()
+	if err != nil {
+		return nil, err
+	}
+	snap, err := d.memory(p)
+	if err != nil {
+		return nil, err
+	}
+	d.img.Processes = append(d.img.Processes, *p)
+	return snap, nil
+}
+
+// process records everything but memory contents.
+func (d *dumper) process() (*image.Process, error) {
+	pid := d.pid
+	st, err := procfs.ReadStatus(pid, pid)
+	if err != nil {
+		return nil, fmt.Errorf("read status: %w", err)
+	}
+	stat, err := procfs.ReadStat(pid)
+	if err != nil {
+		return nil, fmt.Errorf("read stat: %w", err)
+	}
+	p := &image.Process{ID: 1, Pid: pid, PPid: stat.PPid, Pgid: stat.Pgrp, Sid: stat.Session, Comm: st.Name, Umask: st.Umask}
+	if len(st.NSpid) > 1 {
+		// The pid the process sees is the innermost one.
+		p.Pid = st.NSpid[len(st.NSpid)-1]
+	}
+	if p.Exe, err = procfs.Exe(pid); err != nil {
+		return nil, fmt.Errorf("read exe: %w", err)
+	}
+	p.Cmdline, _ = procfs.Cmdline(pid)
+	if p.Cwd, err = procfs.Cwd(pid); err != nil {
+		return nil, fmt.Errorf("read cwd: %w", err)
+	}
+	if p.Root, err = procfs.Root(pid); err != nil {
+		return nil, fmt.Errorf("read root: %w", err)
+	}
+	p.Creds = image.Creds{
+		Uid: st.Uid, Gid: st.Gid, Groups: st.Groups,
+		CapInh: st.CapInh, CapPrm: st.CapPrm, CapEff: st.CapEff, CapBnd: st.CapBnd, CapAmb: st.CapAmb,
+		NoNewPrivs: st.NoNewPrivs, Seccomp: st.Seccomp,
+	}
+	rl, err := procfs.Rlimits(pid)
+	if err != nil {
+		return nil, fmt.Errorf("read rlimits: %w", err)
+	}
+	for i, r := range rl {
+		p.Rlimits = append(p.Rlimits, image.Rlimit{Resource: i, Cur: r.Cur, Max: r.Max})
+	}
+	if err := d.mm(p, stat); err != nil {
+		return nil, err
+	}
+	if err := d.threads(p); err != nil {
+		return nil, err
+	}
+	if err := d.sigactions(p, st); err != nil {
+		return nil, err
+	}
+	if err := d.fds(p); err != nil {
+		return nil, err
+	}
+	return p, nil
+}
+
+func (d *dumper) mm(p *image.Process, s *procfs.Stat) error {
+	brk, err := d.tr.Syscall(0, unix.SYS_BRK, 0)
+	if err != nil {
+		return fmt.Errorf("read brk: %w", err)
+	}
+	auxv, err := procfs.Auxv(d.pid)
+	if err != nil {
+		return fmt.Errorf("read auxv: %w", err)
+	}
+	p.MM = image.MM{
+		StartCode: s.StartCode, EndCode: s.EndCode, StartData: s.StartData, EndData: s.EndData,
+		StartBrk: s.StartBrk, Brk: uint64(brk), StartStack: s.StartStack,
+		ArgStart: s.ArgStart, ArgEnd: s.ArgEnd, EnvStart: s.EnvStart, EnvEnd: s.EnvEnd, Auxv: auxv,
+	}
+	return nil
+}
+
+// Linux prctl and signal constants not in x/sys.
+const (
+	prGetTidAddress = 40 // PR_GET_TID_ADDRESS
+)
+
+func (d *dumper) threads(p *image.Process) error {
+	scratch, err := d.tr.Scratch()
+	if err != nil {
+		return fmt.Errorf("scratch memory: %w", err)
+	}
+	for _, tid := range d.tr.Threads() {
+		r, err := d.tr.Regs(tid)
+		if err != nil {
+			return fmt.Errorf("thread %d: read registers: %w", tid, err)
+		}
+		xs, err := d.tr.XState(tid)
+		if err != nil {
+			return fmt.Errorf("thread %d: read xstate: %w", tid, err)
+		}
+		if d.img.XSaveSize == 0 {
+			d.img.XSaveSize = len(xs)
+		}
+		mask, err := d.tr.SigMask(tid)
+		if err != nil {
+			return fmt.Errorf("thread %d: read sigmask: %w", tid, err)
+		}
+		t := image.Thread{Tid: nsTid(d.pid, tid), Regs: regsToImage(r), XState: xs, SigMask: mask}
+		if rs, err := d.tr.Rseq(tid); err == nil && rs.Addr != 0 {
+			t.RseqAddr, t.RseqLen, t.RseqSig = rs.Addr, rs.Len, rs.Sig
+		} else if err != nil {
+			return fmt.Errorf("thread %d: read rseq: %w", tid, err)
+		}
+		// sigaltstack(NULL, &old) and prctl(PR_GET_TID_ADDRESS, &addr)
+		// run in the thread itself: both are per-thread state.
+		if _, err := d.tr.Syscall(tid, unix.SYS_SIGALTSTACK, 0, uintptr(scratch)); err != nil {
+			return fmt.Errorf("thread %d: read sigaltstack: %w", tid, err)
+		}
+		var ss [24]byte
+		if err := d.tr.ReadMem(scratch, ss[:]); err != nil {
+			return fmt.Errorf("thread %d: read sigaltstack: %w", tid, err)
+		}
+		t.AltStackSP = le64(ss[0:])
+		t.AltStackFl = int32(le32(ss[8:]))
+		t.AltStackSz = le64(ss[16:])
+		if _, err := d.tr.Syscall(tid, unix.SYS_PRCTL, prGetTidAddress, uintptr(scratch)); err != nil {
+			return fmt.Errorf("thread %d: read tid address: %w", tid, err)
+		}
+		var ta [8]byte
+		if err := d.tr.ReadMem(scratch, ta[:]); err != nil {
+			return fmt.Errorf("thread %d: read tid address: %w", tid, err)
+		}
+		t.TidAddress = le64(ta[:])
+		p.Threads = append(p.Threads, t)
+	}
+	return nil
+}
+
+// nsTid maps a host tid of pid's threads to the tid inside its pid
+// namespace (the last NSpid entry).
+func nsTid(pid, tid int) int {
+	st, err := procfs.ReadStatus(pid, tid)
+	if err != nil || len(st.NSpid) == 0 {
+		return tid
+	}
+	return st.NSpid[len(st.NSpid)-1]
+}
+
+func (d *dumper) sigactions(p *image.Process, st *procfs.Status) error {
+	scratch, err := d.tr.Scratch()
+	if err != nil {
+		return err
+	}
+	set := st.SigCgt | st.SigIgn
+	for sig := 1; sig <= 64; sig++ {
+		if set&(1<<(sig-1)) == 0 || sig == int(unix.SIGKILL) || sig == int(unix.SIGSTOP) {
+			continue
+		}
+		// rt_sigaction(sig, NULL, &old, 8): struct kernel_sigaction is
+		// handler, flags, restorer, mask (4 words).
+		if _, err := d.tr.Syscall(0, unix.SYS_RT_SIGACTION, uintptr(sig), 0, uintptr(scratch), 8); err != nil {
+			return fmt.Errorf("read sigaction %d: %w", sig, err)
+		}
+		var b [32]byte
+		if err := d.tr.ReadMem(scratch, b[:]); err != nil {
+			return fmt.Errorf("read sigaction %d: %w", sig, err)
+		}
+		p.Sigacts = append(p.Sigacts, image.Sigaction{Signo: sig, Handler: le64(b[0:]), Flags: le64(b[8:]), Restorer: le64(b[16:]), Mask: le64(b[24:])})
+	}
+	return nil
+}
+
+func unsupported(pid, fd int, what string) error {
+	return fmt.Errorf("pid %d fd %d: %s: %w", pid, fd, what, ErrUnsupported)
+}
+
+func hasPrefixAny(s string, prefixes ...string) bool {
+	for _, p := range prefixes {
+		if strings.HasPrefix(s, p) {
+			return true
+		}
+	}
+	return false
+}

@@ -1,0 +1,280 @@
+package checkpoint
+
+import (
+	"fmt"
+	"os"
+	"strconv"
+	"strings"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/cowmig/cowmig/checkpoint/image"
+	"github.com/cowmig/cowmig/checkpoint/procfs"
+	"github.com/cowmig/cowmig/uffd"
+)
+
+// memClass says how a mapping's contents enter the snapshot.
+type memClass int
+
+const (
+	// classSkip: nothing to copy (shared file mappings: the file is the
+	// content; the vDSO and vvar pages: the kernel provides them).
+	classSkip memClass = iota
+	// classPin: private anonymous memory. Live and full dumps
+	// write-protect it and pin its populated pages in pipes; a stop dump
+	// copies it while frozen.
+	classPin
+	// classCopy: copied while frozen: the anonymous (COW) pages of private
+	// file mappings (sync WP rejects them, DESIGN §3), shared anonymous
+	// memory and unreadable anonymous memory (vmsplice cannot pin it).
+	classCopy
+)
+
+// Linux madvise values re-applied on restore, by smaps VmFlags mnemonic.
+var adviceByFlag = map[string]int{
+	"hg": unix.MADV_HUGEPAGE,
+	"nh": unix.MADV_NOHUGEPAGE,
+	"dd": unix.MADV_DONTDUMP,
+	"dc": unix.MADV_DONTFORK,
+	"wf": unix.MADV_WIPEONFORK,
+}
+
+// pinRun is a run of populated pages of a classPin mapping.
+type pinRun struct {
+	vma    int // index in Process.Vmas
+	addr   uint64
+	npages uint64
+}
+
+// memory builds p.Vmas, copies what must be copied now and, for live and
+// full dumps, write-protects and pins the rest.
+func (d *dumper) memory(p *image.Process) (*Snapshot, error) {
+	maps, err := procfs.Maps(d.pid)
+	if err != nil {
+		return nil, fmt.Errorf("read maps: %w", err)
+	}
+	pm, err := procfs.OpenPagemap(d.pid)
+	if err != nil {
+		return nil, fmt.Errorf("open pagemap: %w", err)
+	}
+	defer pm.Close()
+	sStart, sEnd, hasScratch := d.tr.ScratchRange()
+
+	var pins []pinRun
+	var wpVmas []image.Vma
+	for _, m := range maps {
+		if hasScratch && m.Start >= sStart && m.End <= sEnd {
+			continue // our own scratch mapping
+		}
+		v, class, err := d.describe(m)
+		if err != nil {
+			return nil, err
+		}
+		if v.Kind == image.VmaVsyscall {
+			continue
+		}
+		if v.Kind == image.VmaVDSO || v.Kind == image.VmaVVar || v.Kind == image.VmaVVarVclock {
+			d.img.VDSO = append(d.img.VDSO, v)
+		}
+		if class == classSkip {
+			p.Vmas = append(p.Vmas, v)
+			continue
+		}
+		regions, err := populated(pm, m, class)
+		if err != nil {
+			return nil, err
+		}
+		if class == classPin && d.o.Mode != image.ModeStop {
+			for _, r := range regions {
+				pins = append(pins, pinRun{vma: len(p.Vmas), addr: r.Start, npages: (r.End - r.Start) / image.PageSize})
+			}
+			if len(regions) > 0 {
+				wpVmas = append(wpVmas, v)
+			}
+			p.Vmas = append(p.Vmas, v)
+			continue
+		}
+		if class == classCopy && v.Kind == image.VmaShmem {
+			// Shared memory pages need not be mapped here to exist:
+			// copy the whole mapping and keep the non-zero pages.
+			regions = []procfs.PageRegion{{Start: m.Start, End: m.End}}
+		}
+		for _, r := range regions {
+			runs, err := d.copyNow(r.Start, r.End, v.Kind == image.VmaShmem)
+			if err != nil {
+				return nil, err
+			}
+			v.Runs = append(v.Runs, runs...)
+		}
+		p.Vmas = append(p.Vmas, v)
+	}
+	for _, v := range p.Vmas {
+		for _, r := range v.Runs {
+			d.img.Stats.PagesEager += r.NPages
+		}
+	}
+	d.img.Stats.PagesTotal = d.img.Stats.PagesEager
+	if len(pins) == 0 {
+		return nil, nil
+	}
+	return d.pin(p, pins, wpVmas)
+}
+
+// describe turns one mapping into its image form and class.
+func (d *dumper) describe(m procfs.Mapping) (image.Vma, memClass, error) {
+	v := image.Vma{Start: m.Start, End: m.End, Shared: m.Shared, GrowsDown: m.HasFlag("gd")}
+	if m.Read {
+		v.Prot |= unix.PROT_READ
+	}
+	if m.Write {
+		v.Prot |= unix.PROT_WRITE
+	}
+	if m.Exec {
+		v.Prot |= unix.PROT_EXEC
+	}
+	for _, f := range m.VmFlags {
+		if a, ok := adviceByFlag[f]; ok {
+			v.Advice = append(v.Advice, a)
+		}
+	}
+	where := fmt.Sprintf("pid %d mapping %#x-%#x %s", d.pid, m.Start, m.End, m.Path)
+	if (m.HasFlag("io") || m.HasFlag("pf")) && !m.IsSpecial() {
+		return v, classSkip, fmt.Errorf("%s: device (VM_IO/VM_PFNMAP) mapping: %w", where, ErrUnsupported)
+	}
+	switch {
+	case m.Path == "[vdso]":
+		v.Kind = image.VmaVDSO
+		return v, classSkip, nil
+	case m.Path == "[vvar]":
+		v.Kind = image.VmaVVar
+		return v, classSkip, nil
+	case m.Path == "[vvar_vclock]":
+		v.Kind = image.VmaVVarVclock
+		return v, classSkip, nil
+	case m.Path == "[vsyscall]":
+		v.Kind = image.VmaVsyscall
+		return v, classSkip, nil
+	case m.IsSpecial():
+		return v, classSkip, fmt.Errorf("%s: special mapping: %w", where, ErrUnsupported)
+	case m.IsSysV():
+		return v, classSkip, fmt.Errorf("%s: SysV shared memory: %w", where, ErrUnsupported)
+	case m.IsMemfd() || (m.Shared && (m.Path == "" || m.Path == "/dev/zero (deleted)" || strings.HasPrefix(m.Path, "[anon_shmem:"))):
+		// Restored as shared anonymous memory with the same content.
+		v.Kind, v.Name = image.VmaShmem, m.Path
+		return v, classCopy, nil
+	case m.IsAnon():
+		v.Kind = image.VmaAnon
+		if m.Path != "" {
+			v.Name = m.Path
+		}
+		if !m.Read || m.Shared {
+			return v, classCopy, nil
+		}
+		return v, classPin, nil
+	case m.IsFile():
+		if m.Deleted() {
+			return v, classSkip, fmt.Errorf("%s: mapping of a deleted file: %w", where, ErrUnsupported)
+		}
+		v.Kind, v.Path, v.Offset, v.Inode = image.VmaFile, m.Path, m.Offset, m.Inode
+		if st, err := os.Stat(m.Path); err == nil {
+			v.Size = st.Size()
+		}
+		if m.Shared {
+			return v, classSkip, nil
+		}
+		return v, classCopy, nil
+	}
+	return v, classSkip, fmt.Errorf("%s: unknown mapping kind: %w", where, ErrUnsupported)
+}
+
+// populated returns the pages of m that hold data of their own: present or
+// swapped, not the shared zero page, and for file mappings not the page
+// cache's page (only COW copies).
+func populated(pm *procfs.Pagemap, m procfs.Mapping, class memClass) ([]procfs.PageRegion, error) {
+	regs, err := pm.ScanAll(procfs.ScanArgs{
+		Start:         m.Start,
+		End:           m.End,
+		CategoryAnyOf: procfs.PagePresent | procfs.PageSwapped,
+		ReturnMask:    procfs.PagePresent | procfs.PageSwapped | procfs.PageFile | procfs.PagePFNZero,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("scan pagemap %#x-%#x: %w", m.Start, m.End, err)
+	}
+	out := regs[:0]
+	for _, r := range regs {
+		if r.Categories&procfs.PagePFNZero != 0 {
+			continue
+		}
+		if m.IsFile() && r.Categories&procfs.PageFile != 0 {
+			continue
+		}
+		if n := len(out); n > 0 && out[n-1].End == r.Start {
+			out[n-1].End = r.End
+			continue
+		}
+		out = append(out, r)
+	}
+	return out, nil
+}
+
+// copyNow copies [start, end) of the frozen target into pages.img. With
+// dropZero, all-zero pages are left out (they read as zero on restore).
+func (d *dumper) copyNow(start, end uint64, dropZero bool) ([]image.Run, error) {
+	const chunk = 4 << 20
+	var runs []image.Run
+	buf := make([]byte, chunk)
+	for a := start; a < end; a += chunk {
+		n := min(uint64(chunk), end-a)
+		b := buf[:n]
+		if err := d.tr.ReadMem(a, b); err != nil {
+			return nil, fmt.Errorf("copy memory %#x+%#x: %w", a, n, err)
+		}
+		for pg := uint64(0); pg < n; pg += image.PageSize {
+			page := b[pg : pg+image.PageSize]
+			if dropZero && isZero(page) {
+				continue
+			}
+			addr := a + pg
+			if k := len(runs); k > 0 && runs[k-1].End() == addr && runs[k-1].Off+runs[k-1].NPages*image.PageSize == d.pagesOff {
+				runs[k-1].NPages++
+			} else {
+				runs = append(runs, image.Run{Addr: addr, NPages: 1, Where: image.InPages, Off: d.pagesOff})
+			}
+			if _, err := d.pages.WriteAt(page, int64(d.pagesOff)); err != nil {
+				return nil, fmt.Errorf("write pages file: %w", err)
+			}
+			d.pagesOff += image.PageSize
+		}
+	}
+	return runs, nil
+}
+
+func isZero(b []byte) bool {
+	words := unsafe.Slice((*uint64)(unsafe.Pointer(&b[0])), len(b)/8)
+	for _, w := range words {
+		if w != 0 {
+			return false
+		}
+	}
+	return true
+}
+
+// pipeSize is the pin pipe size: fs.pipe-max-size capped at 4 MiB.
+func pipeSize(want int) int {
+	if want > 0 {
+		return want
+	}
+	n := 1 << 20
+	if b, err := os.ReadFile("/proc/sys/fs/pipe-max-size"); err == nil {
+		if v, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil {
+			n = v
+		}
+	}
+	return min(n, 4<<20)
+}
+
+// Features the source uffd needs. No events: the pipes hold the snapshot,
+// so munmap, madvise, mremap and fork need no attention from the monitor
+// (mremap and fork drop the registration of what they move or copy).
+const sourceFeatures = uffd.FeaturePagefaultFlagWP

@@ -1,0 +1,179 @@
+package checkpoint_test
+
+// Engine tests: real processes, the real kernel, root required. They dump
+// self-verifying workloads while they write, madvise, munmap, mremap and
+// fork, restore clones in new pid namespaces and let the clones verify
+// their memory against their own counters.
+
+import (
+	"context"
+	"crypto/rand"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/cowmig/cowmig/checkpoint"
+	"github.com/cowmig/cowmig/checkpoint/image"
+	"github.com/cowmig/cowmig/internal/testworkload"
+)
+
+func needRoot(t *testing.T) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: ptrace, userfaultfd and pid namespaces")
+	}
+}
+
+// snapFetcher serves lazy pages straight from an in-process Snapshot: the
+// engine tested without the transport.
+type snapFetcher struct {
+	s *checkpoint.Snapshot
+	// failAfter, when > 0, makes the fetch number failAfter fail.
+	failAfter int
+	n         int
+}
+
+var errInjected = errors.New("injected fetch failure")
+
+func (f *snapFetcher) Fetch(ctx context.Context, proc uint32, addr uint64, buf []byte) error {
+	f.n++
+	if f.failAfter > 0 && f.n >= f.failAfter {
+		return errInjected
+	}
+	return f.s.ReadPages(ctx, proc, addr, buf)
+}
+
+func token(t *testing.T) []byte {
+	b := make([]byte, 32)
+	rand.Read(b)
+	return b
+}
+
+func dump(t *testing.T, pid int, mode image.Mode) (*checkpoint.Result, string) {
+	t.Helper()
+	dir := t.TempDir()
+	res, err := checkpoint.Dump(context.Background(), pid, checkpoint.Options{Mode: mode, Dir: dir, Endpoint: "unix:/nonexistent", Token: token(t)})
+	if err != nil {
+		t.Fatalf("dump %s: %v", mode, err)
+	}
+	if res.Snapshot != nil {
+		t.Cleanup(res.Snapshot.Release)
+	}
+	t.Logf("%s dump: freeze %v, %d pages (%d eager, %d lazy)", mode, res.Freeze, res.Image.Stats.PagesTotal, res.Image.Stats.PagesEager, res.Image.Stats.PagesLazy)
+	return res, dir
+}
+
+// restore restores dir and returns the clone as a workload Proc reading
+// the clone's stdout.
+func restore(t *testing.T, dir string, f checkpoint.PageFetcher) (*checkpoint.Restored, *testworkload.Proc) {
+	t.Helper()
+	r, w, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	rs, err := checkpoint.Restore(context.Background(), checkpoint.RestoreOptions{Dir: dir, Stdout: w, Stderr: os.Stderr, Fetcher: f})
+	w.Close()
+	if err != nil {
+		r.Close()
+		t.Fatalf("restore: %v", err)
+	}
+	t.Cleanup(func() {
+		rs.Kill()
+		rs.Wait()
+		r.Close()
+	})
+	t.Logf("restored pid %d (host %d) in %v", rs.NSPid, rs.Pid, rs.Duration)
+	return rs, testworkload.Attach(rs.Pid, r)
+}
+
+func TestSnapshotUnderFire(t *testing.T) {
+	needRoot(t)
+	bin := testworkload.BuildC(t)
+	for _, mode := range []image.Mode{image.ModeLive, image.ModeFull, image.ModeStop} {
+		t.Run(string(mode), func(t *testing.T) {
+			fileMap := filepath.Join(t.TempDir(), "filemap")
+			src := testworkload.Start(t, []string{bin, "-mem", "64", "-threads", "3", "-thp", "-churn", "-fork", "-filemap", fileMap}, nil)
+			res, dir := dump(t, src.Pid, mode)
+			src.Verify(t) // the source runs on, unharmed
+			var f checkpoint.PageFetcher
+			if res.Snapshot != nil {
+				f = &snapFetcher{s: res.Snapshot}
+			}
+			rs, clone := restore(t, dir, f)
+			// Verify while pages are still arriving, then after.
+			line := clone.Verify(t)
+			t.Logf("clone: %s", line)
+			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+			defer cancel()
+			if err := rs.Serve(ctx); err != nil {
+				t.Fatalf("pager: %v", err)
+			}
+			clone.Verify(t)
+			src.Verify(t)
+			if mode == image.ModeLive {
+				select {
+				case <-res.Snapshot.WindowClosed():
+				case <-ctx.Done():
+					t.Fatal("COW window did not close")
+				}
+			}
+		})
+	}
+}
+
+func TestPythonClone(t *testing.T) {
+	needRoot(t)
+	script := testworkload.PythonScript(t)
+	src := testworkload.Start(t, []string{testworkload.Python, script, "256"}, nil)
+	res, dir := dump(t, src.Pid, image.ModeLive)
+	if res.Image.Stats.PagesTotal*image.PageSize < 256<<20 {
+		t.Fatalf("snapshot holds %d pages, want ≥ 256 MiB", res.Image.Stats.PagesTotal)
+	}
+	rs, clone := restore(t, dir, &snapFetcher{s: res.Snapshot})
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	errc := make(chan error, 1)
+	go func() { errc <- rs.Serve(ctx) }()
+	line := clone.Verify(t)
+	t.Logf("clone: %s", line)
+	if err := <-errc; err != nil {
+		t.Fatalf("pager: %v", err)
+	}
+	clone.Verify(t)
+	src.Verify(t)
+}
+
+// A pager that cannot fetch must kill the clone, never let it run on
+// zero-filled pages.
+func TestFetchFailureKillsClone(t *testing.T) {
+	needRoot(t)
+	bin := testworkload.BuildC(t)
+	src := testworkload.Start(t, []string{bin, "-mem", "32", "-threads", "2"}, nil)
+	res, dir := dump(t, src.Pid, image.ModeLive)
+	rs, _ := restore(t, dir, &snapFetcher{s: res.Snapshot, failAfter: 3})
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	err := rs.Serve(ctx)
+	if !errors.Is(err, errInjected) {
+		t.Fatalf("pager error %v, want the injected failure", err)
+	}
+	rs.Wait()
+	if _, err := os.Stat(fmt.Sprintf("/proc/%d", rs.Pid)); err == nil {
+		if b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/stat", rs.Pid)); !strings.Contains(string(b), ") Z") {
+			t.Fatalf("clone %d still exists after a fetch failure", rs.Pid)
+		}
+	}
+	src.Verify(t)
+}
+
+func TestDumpErrors(t *testing.T) {
+	needRoot(t)
+	_, err := checkpoint.Dump(context.Background(), 1<<22-1, checkpoint.Options{Mode: image.ModeStop, Dir: t.TempDir()})
+	if !errors.Is(err, checkpoint.ErrNoProcess) {
+		t.Fatalf("dump of a missing pid: %v, want ErrNoProcess", err)
+	}
+}

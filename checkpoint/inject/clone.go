@@ -1,0 +1,216 @@
+package inject
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"os"
+	"strconv"
+
+	"golang.org/x/sys/unix"
+)
+
+const (
+	// cloneOff is where the clone helpers put struct clone_args in the
+	// helpers' part of the scratch mapping, and setTidOff the set_tid array.
+	cloneOff  = 2048
+	setTidOff = cloneOff + 128
+
+	threadFlags = unix.CLONE_VM | unix.CLONE_FS | unix.CLONE_FILES | unix.CLONE_SIGHAND |
+		unix.CLONE_THREAD | unix.CLONE_SYSVSEM
+)
+
+// CloneThread creates a thread in p by injecting clone3 into thread in (0:
+// the leader) with CLONE_VM|CLONE_FS|CLONE_FILES|CLONE_SIGHAND|CLONE_THREAD|
+// CLONE_SYSVSEM and set_tid = {tid} (tid 0: any; a chosen tid needs
+// CAP_CHECKPOINT_RESTORE in the tracee). The new thread is auto-attached
+// (Options.TraceClone is required) and stays stopped until Detach; its saved
+// registers and signal mask are copies of in's, to be replaced with
+// SetSavedRegs and SetSigMask. It never runs its own code before Detach.
+func (p *Process) CloneThread(in int, tid int) error {
+	return p.do(func() error { return p.cloneThread(in, tid) })
+}
+
+// CloneProcess creates a child of p by injecting clone3 (flags 0,
+// exit_signal SIGCHLD, set_tid = {pid}; pid 0: any) into p's leader, and
+// returns it as a Process, attached (Options.TraceClone is required) and
+// stopped, served by p's tracer thread. The child's saved registers and
+// signal mask are copies of the leader's; its scratch mapping is the copy of
+// p's it inherited. pid is the id in p's pid namespace; the child's Pid()
+// is the id in ours.
+func (p *Process) CloneProcess(pid int) (*Process, error) {
+	var c *Process
+	err := p.do(func() error {
+		var err error
+		c, err = p.cloneProcess(pid)
+		return err
+	})
+	return c, err
+}
+
+// cloneThread is CloneThread on the tracer goroutine.
+func (p *Process) cloneThread(in, tid int) error {
+	if !p.opts.TraceClone {
+		return fmt.Errorf("clone thread: Options.TraceClone not set: %w", unix.EINVAL)
+	}
+	th, err := p.thread(in)
+	if err != nil {
+		return err
+	}
+	newTid, ret, err := p.clone3(th, threadFlags, 0, tid, unix.PTRACE_EVENT_CLONE)
+	if newTid == 0 {
+		return fmt.Errorf("clone thread %d in %d: %w", tid, th.tid, err)
+	}
+	nt := &thread{tid: newTid, saved: th.saved, mask: th.mask, maskSet: true, injMask: th.injMask, regsSet: true}
+	if err == nil {
+		err = p.waitInterruptStop(nt)
+	}
+	if err == nil && (ret <= 0 || (tid != 0 && int(ret) != tid)) {
+		err = fmt.Errorf("clone3 returned %d, want %d", ret, tid)
+	}
+	if err != nil {
+		return errors.Join(fmt.Errorf("clone thread %d in %d: %w", tid, th.tid, err), p.discardThread(nt))
+	}
+	p.threads = append(p.threads, nt)
+	return nil
+}
+
+// cloneProcess is CloneProcess on the tracer goroutine.
+func (p *Process) cloneProcess(pid int) (_ *Process, err error) {
+	if !p.opts.TraceClone {
+		return nil, fmt.Errorf("clone process: Options.TraceClone not set: %w", unix.EINVAL)
+	}
+	th, err := p.thread(0)
+	if err != nil {
+		return nil, err
+	}
+	newPid, ret, err := p.clone3(th, 0, uint64(unix.SIGCHLD), pid, unix.PTRACE_EVENT_FORK)
+	if newPid == 0 {
+		return nil, fmt.Errorf("clone process %d: %w", pid, err)
+	}
+	c := &Process{pid: newPid, t: p.t, opts: p.opts, insn: p.insn,
+		scratch: p.scratch, scratchLen: p.scratchLen, scratchHint: p.scratchHint, xstateSize: p.xstateSize}
+	nt := &thread{tid: newPid, saved: th.saved, mask: th.mask, maskSet: true, injMask: th.injMask, regsSet: true}
+	c.threads = []*thread{nt}
+	if err == nil {
+		err = c.waitInterruptStop(nt)
+	}
+	if err == nil && (ret <= 0 || (pid != 0 && int(ret) != pid)) {
+		err = fmt.Errorf("clone3 returned %d, want %d", ret, pid)
+	}
+	if err == nil {
+		err = c.openFiles()
+	}
+	if err != nil {
+		// Kill the half-made child; its parent gets a SIGCHLD.
+		kerr := unix.Kill(newPid, unix.SIGKILL)
+		if kerr == nil && !nt.gone {
+			_, kerr = wait4(newPid, 0)
+		}
+		if c.mem != nil {
+			kerr = errors.Join(kerr, c.mem.Close())
+		}
+		if c.pidfd != nil {
+			kerr = errors.Join(kerr, c.pidfd.Close())
+		}
+		return nil, errors.Join(fmt.Errorf("clone process %d: %w", pid, err), kerr)
+	}
+	p.t.users++
+	return c, nil
+}
+
+// openFiles opens the pidfd and /proc/pid/mem of a Process made by
+// cloneProcess.
+func (c *Process) openFiles() error {
+	pfd, err := unix.PidfdOpen(c.pid, 0)
+	if err != nil {
+		return fmt.Errorf("pidfd_open %d: %w", c.pid, err)
+	}
+	c.pidfd = os.NewFile(uintptr(pfd), "pidfd:"+strconv.Itoa(c.pid))
+	c.mem, err = os.OpenFile(fmt.Sprintf("/proc/%d/mem", c.pid), os.O_RDWR, 0)
+	if err != nil {
+		return fmt.Errorf("open mem of %d: %w", c.pid, err)
+	}
+	return nil
+}
+
+// clone3 injects clone3 with flags, exit signal and set_tid {tid} (none if
+// tid is 0) into th, expecting the PTRACE_EVENT want. It returns the new
+// task's id in our pid namespace (0 if no task was made) and clone3's
+// return value (its id in the tracee's namespace).
+//
+// Preconditions: runs on the tracer goroutine.
+func (p *Process) clone3(th *thread, flags, exitSignal uint64, tid int, want int) (newTid int, ret uint64, err error) {
+	base, err := p.scratchAddr()
+	if err != nil {
+		return 0, 0, err
+	}
+	base += ScratchUserSize
+	args := cloneArgs{Flags: flags, ExitSignal: exitSignal}
+	if tid != 0 {
+		args.SetTid, args.SetTidSize = base+setTidOff, 1
+		var b [4]byte
+		binary.LittleEndian.PutUint32(b[:], uint32(tid))
+		if err := p.WriteMem(base+setTidOff, b[:]); err != nil {
+			return 0, 0, err
+		}
+	}
+	ab := args.bytes()
+	if err := p.WriteMem(base+cloneOff, ab); err != nil {
+		return 0, 0, err
+	}
+	onEvent := func(ev int) error {
+		if ev != want {
+			return fmt.Errorf("ptrace event %d, want %d", ev, want)
+		}
+		msg, err := ptraceGetEventMsg(th.tid)
+		if err != nil {
+			return goneErr(th, fmt.Errorf("get event msg: %w", err))
+		}
+		newTid = int(msg)
+		return nil
+	}
+	ret, err = p.inject(th, unix.SYS_CLONE3, [6]uintptr{uintptr(base + cloneOff), uintptr(len(ab))}, onEvent)
+	if err == nil {
+		if e := int64(ret); e < 0 && e >= -4095 {
+			err = fmt.Errorf("inject syscall %d: %w", unix.SYS_CLONE3, unix.Errno(-e))
+		} else if newTid == 0 {
+			err = fmt.Errorf("clone3 returned %d without a clone event", ret)
+		}
+	}
+	return newTid, ret, err
+}
+
+// discardThread makes a thread created by a failed CloneThread exit
+// (exit(0), not exit_group) without running any of the tracee's code.
+//
+// Preconditions: runs on the tracer goroutine.
+func (p *Process) discardThread(nt *thread) error {
+	if nt.gone {
+		return nil
+	}
+	if !nt.parked {
+		if err := p.waitInterruptStop(nt); err != nil {
+			if errors.Is(err, ErrTraceeGone) {
+				return nil
+			}
+			return fmt.Errorf("discard thread %d: %w", nt.tid, err)
+		}
+	}
+	r := nt.saved
+	r.Rip, r.Rax, r.Orig_rax, r.Rdi = p.insn, unix.SYS_EXIT, ^uint64(0), 0
+	if err := ptraceSetRegs(nt.tid, &r); err != nil {
+		return goneErr(nt, fmt.Errorf("discard thread %d: %w", nt.tid, err))
+	}
+	if err := ptraceRaw(unix.PTRACE_CONT, nt.tid, 0, 0); err != nil {
+		return goneErr(nt, fmt.Errorf("discard thread %d: %w", nt.tid, err))
+	}
+	for {
+		ws, err := wait4(nt.tid, 0)
+		if err != nil || ws.Exited() || ws.Signaled() {
+			nt.gone = true
+			return nil
+		}
+		_ = ptraceRaw(unix.PTRACE_CONT, nt.tid, 0, 0)
+	}
+}

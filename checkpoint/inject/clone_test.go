@@ -1,0 +1,140 @@
+package inject
+
+import (
+	"fmt"
+	"os"
+	"os/exec"
+	"strings"
+	"syscall"
+	"testing"
+
+	"golang.org/x/sys/unix"
+)
+
+// TestCloneInPidNS recreates a child with pid 777 and a thread with tid 778
+// inside a fresh pid namespace, makes them run exit_group(42), and checks
+// that the target (the namespace's init) reaps pid 777 with status 42.
+func TestCloneInPidNS(t *testing.T) {
+	for _, m := range []struct {
+		name string
+		opts Options
+	}{
+		{"singlestep", Options{TraceClone: true, SuspendSeccomp: true}},
+		{"syscallstops", Options{TraceClone: true, SyscallStops: true}},
+	} {
+		t.Run(m.name, func(t *testing.T) { testCloneInPidNS(t, m.opts) })
+	}
+}
+
+func testCloneInPidNS(t *testing.T, opts Options) {
+	needTarget(t)
+	checkFdLeak(t)
+	tg := startTarget(t, "init", func(c *exec.Cmd) {
+		c.SysProcAttr = &syscall.SysProcAttr{Cloneflags: syscall.CLONE_NEWPID}
+	})
+	if nspid := statusField(t, fmt.Sprintf("/proc/%d/status", tg.pid), "NSpid"); !strings.HasSuffix(nspid, "\t1") {
+		t.Fatalf("target NSpid %q: not init of a new pid namespace", nspid)
+	}
+	before := takeSnapshot(t, tg.pid)
+	p := seizeT(t, tg.pid, opts)
+	if _, err := p.Syscall(0, unix.SYS_FORK); err == nil {
+		t.Fatal("fork through Syscall with TraceClone was allowed")
+	}
+	child, err := p.CloneProcess(777)
+	if err != nil {
+		t.Fatal(err)
+	}
+	hostPid := child.Pid()
+	if got := statusField(t, fmt.Sprintf("/proc/%d/status", hostPid), "NSpid"); got != fmt.Sprintf("%d\t777", hostPid) {
+		t.Fatalf("child NSpid %q, want %d\\t777", got, hostPid)
+	}
+	if got := statusField(t, fmt.Sprintf("/proc/%d/status", hostPid), "PPid"); got != fmt.Sprint(tg.pid) {
+		t.Fatalf("child PPid %s, want %d", got, tg.pid)
+	}
+	if _, _, ok := child.ScratchRange(); !ok {
+		t.Error("child did not adopt the inherited scratch mapping")
+	}
+	if err := child.CloneThread(0, 778); err != nil {
+		t.Fatal(err)
+	}
+	tids := child.Threads()
+	if len(tids) != 2 || tids[0] != hostPid {
+		t.Fatalf("child threads %v", tids)
+	}
+	if got := statusField(t, fmt.Sprintf("/proc/%d/task/%d/status", hostPid, tids[1]), "NSpid"); got != fmt.Sprintf("%d\t778", tids[1]) {
+		t.Fatalf("thread NSpid %q, want %d\\t778", got, tids[1])
+	}
+	// The new tasks have not run: they are still ptrace-stopped.
+	for i, tid := range tids {
+		if s := procState(tid); s != 't' {
+			t.Errorf("task %d state %c, want t (traced)", tid, s)
+		}
+		// Injected gettid answers in the child's pid namespace.
+		if got, err := child.Syscall(tid, unix.SYS_GETTID); err != nil || int(got) != 777+i {
+			t.Errorf("gettid in %d: %d, %v; want %d", tid, got, err, 777+i)
+		}
+	}
+	// Both threads run exit_group(42) when detached.
+	insn, err := child.FindSyscallInsn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tid := range tids {
+		r, err := child.Regs(tid)
+		if err != nil {
+			t.Fatal(err)
+		}
+		r.Rip, r.Rax, r.Orig_rax, r.Rdi = insn, unix.SYS_EXIT_GROUP, ^uint64(0), 42
+		if err := child.SetSavedRegs(tid, r); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := child.Detach(); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Detach(); err != nil {
+		t.Fatal(err)
+	}
+	if got := tg.line(t); got != "reaped 777 42" {
+		t.Fatalf("target said %q, want reaped 777 42", got)
+	}
+	if _, err := os.Stat(fmt.Sprintf("/proc/%d", hostPid)); !os.IsNotExist(err) {
+		t.Errorf("child %d still in /proc: %v", hostPid, err)
+	}
+	before.unchanged(t, tg.pid)
+}
+
+// TestCloneErrors: the clone helpers need TraceClone, and a taken pid fails
+// cleanly.
+func TestCloneErrors(t *testing.T) {
+	needTarget(t)
+	checkFdLeak(t)
+	tg := startTarget(t, "init", func(c *exec.Cmd) {
+		c.SysProcAttr = &syscall.SysProcAttr{Cloneflags: syscall.CLONE_NEWPID}
+	})
+	before := takeSnapshot(t, tg.pid)
+	p := seizeT(t, tg.pid, Options{})
+	if _, err := p.CloneProcess(5); err == nil {
+		t.Fatal("CloneProcess without TraceClone succeeded")
+	}
+	if err := p.CloneThread(0, 5); err == nil {
+		t.Fatal("CloneThread without TraceClone succeeded")
+	}
+	if err := p.Detach(); err != nil {
+		t.Fatal(err)
+	}
+	p = seizeT(t, tg.pid, Options{TraceClone: true})
+	if _, err := p.CloneProcess(1); err == nil {
+		t.Fatal("CloneProcess with a taken pid succeeded")
+	}
+	if err := p.CloneThread(0, 1); err == nil {
+		t.Fatal("CloneThread with a taken tid succeeded")
+	}
+	if got := p.Threads(); len(got) != 1 {
+		t.Fatalf("threads after failed clones: %v", got)
+	}
+	if err := p.Detach(); err != nil {
+		t.Fatal(err)
+	}
+	before.unchanged(t, tg.pid)
+}

@@ -1,0 +1,116 @@
+package inject
+
+import (
+	"bufio"
+	"bytes"
+	"fmt"
+	"os"
+	"slices"
+	"strconv"
+	"strings"
+
+	"golang.org/x/sys/unix"
+)
+
+// procStatus holds the fields of /proc/pid/status this package needs.
+type procStatus struct {
+	tgid, ppid int
+	sigIgn     uint64
+}
+
+func readStatus(pid int) (procStatus, error) {
+	var st procStatus
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return st, err
+	}
+	found := 0
+	for line := range bytes.Lines(b) {
+		k, v, ok := strings.Cut(strings.TrimSpace(string(line)), ":")
+		if !ok {
+			continue
+		}
+		v = strings.TrimSpace(v)
+		switch k {
+		case "Tgid":
+			st.tgid, err = strconv.Atoi(v)
+		case "PPid":
+			st.ppid, err = strconv.Atoi(v)
+		case "SigIgn":
+			st.sigIgn, err = strconv.ParseUint(v, 16, 64)
+		default:
+			continue
+		}
+		if err != nil {
+			return st, fmt.Errorf("parse /proc/%d/status %s: %w", pid, k, err)
+		}
+		found++
+	}
+	if found != 3 {
+		return st, fmt.Errorf("parse /proc/%d/status: %d of 3 fields: %w", pid, found, unix.EINVAL)
+	}
+	return st, nil
+}
+
+// listTasks returns the thread ids in /proc/pid/task, sorted.
+func listTasks(pid int) ([]int, error) {
+	ents, err := os.ReadDir(fmt.Sprintf("/proc/%d/task", pid))
+	if err != nil {
+		return nil, err
+	}
+	tids := make([]int, 0, len(ents))
+	for _, e := range ents {
+		tid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		tids = append(tids, tid)
+	}
+	slices.Sort(tids)
+	return tids, nil
+}
+
+// findMapping returns the range of the first mapping of pid whose name
+// (the last field of /proc/pid/maps) is name, e.g. "[vdso]".
+func findMapping(pid int, name string) (start, end uint64, ok bool, err error) {
+	f, err := os.Open(fmt.Sprintf("/proc/%d/maps", pid))
+	if err != nil {
+		return 0, 0, false, err
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		fields := strings.Fields(sc.Text())
+		if len(fields) < 6 || fields[5] != name {
+			continue
+		}
+		lo, hi, ok := strings.Cut(fields[0], "-")
+		if !ok {
+			continue
+		}
+		if start, err = strconv.ParseUint(lo, 16, 64); err != nil {
+			return 0, 0, false, fmt.Errorf("parse maps line %q: %w", sc.Text(), err)
+		}
+		if end, err = strconv.ParseUint(hi, 16, 64); err != nil {
+			return 0, 0, false, fmt.Errorf("parse maps line %q: %w", sc.Text(), err)
+		}
+		return start, end, true, nil
+	}
+	return 0, 0, false, sc.Err()
+}
+
+// pidfdSendSignal sends sig through the pidfd, so a recycled pid cannot be
+// hit.
+func pidfdSendSignal(pidfd *os.File, sig unix.Signal) error {
+	rc, err := pidfd.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var serr error
+	if err := rc.Control(func(fd uintptr) {
+		serr = unix.PidfdSendSignal(int(fd), sig, nil, 0)
+	}); err != nil {
+		return err
+	}
+	return serr
+}

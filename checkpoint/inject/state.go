@@ -1,0 +1,213 @@
+package inject
+
+import (
+	"fmt"
+	"io"
+
+	"golang.org/x/sys/unix"
+)
+
+// maxXStateSize is the buffer used to learn the size of NT_X86_XSTATE (the
+// kernel shrinks iov_len to the real size, a few KiB with AVX-512/AMX).
+const maxXStateSize = 64 << 10
+
+// RseqConfig is a thread's rseq registration
+// (PTRACE_GET_RSEQ_CONFIGURATION). Addr 0: none.
+type RseqConfig struct {
+	Addr       uint64
+	Len, Flags uint32
+	Sig        uint32
+}
+
+// Siginfo is one queued signal as the kernel reports it (struct siginfo,
+// 128 bytes): its first three fields, then the signal-specific union.
+type Siginfo struct {
+	Signo, Errno, Code int32
+	_                  int32
+	Rest               [112]byte
+}
+
+// ReadMem reads len(buf) bytes of the tracee's memory at addr through
+// /proc/pid/mem. It does not need the tracee stopped and does not use the
+// tracer thread.
+func (p *Process) ReadMem(addr uint64, buf []byte) error {
+	if len(buf) == 0 {
+		return nil
+	}
+	if int64(addr) < 0 || int64(addr+uint64(len(buf))) < 0 {
+		return fmt.Errorf("read mem %#x+%#x: %w", addr, len(buf), unix.EINVAL)
+	}
+	n, err := p.mem.ReadAt(buf, int64(addr))
+	if err != nil {
+		if err == io.EOF {
+			err = unix.EIO
+		}
+		return fmt.Errorf("read mem %#x+%#x (got %#x): %w", addr, len(buf), n, p.closedErr(err))
+	}
+	return nil
+}
+
+// WriteMem writes buf into the tracee's memory at addr through
+// /proc/pid/mem, which (FOLL_FORCE) also writes read-only private mappings.
+func (p *Process) WriteMem(addr uint64, buf []byte) error {
+	if len(buf) == 0 {
+		return nil
+	}
+	if int64(addr) < 0 || int64(addr+uint64(len(buf))) < 0 {
+		return fmt.Errorf("write mem %#x+%#x: %w", addr, len(buf), unix.EINVAL)
+	}
+	n, err := p.mem.WriteAt(buf, int64(addr))
+	if err != nil {
+		return fmt.Errorf("write mem %#x+%#x (wrote %#x): %w", addr, len(buf), n, p.closedErr(err))
+	}
+	return nil
+}
+
+// closedErr adds ErrClosed to an error on p's files once p is closed.
+func (p *Process) closedErr(err error) error {
+	if p.released.Load() {
+		return fmt.Errorf("%w: %w", ErrClosed, err)
+	}
+	return err
+}
+
+// Regs returns the registers Detach will put back on thread tid (0: the
+// leader): as found by Seize, unless SetSavedRegs changed them.
+func (p *Process) Regs(tid int) (unix.PtraceRegs, error) {
+	var r unix.PtraceRegs
+	err := p.do(func() error {
+		th, err := p.thread(tid)
+		if err == nil {
+			r = th.saved
+		}
+		return err
+	})
+	return r, err
+}
+
+// SetSavedRegs sets the registers Detach puts back on thread tid (restore
+// uses it to give each thread its final state). Injected syscalls start from
+// these registers too, with rip, rax, orig_rax and the argument registers
+// replaced.
+func (p *Process) SetSavedRegs(tid int, r unix.PtraceRegs) error {
+	return p.do(func() error {
+		th, err := p.thread(tid)
+		if err != nil {
+			return err
+		}
+		th.saved = r
+		th.regsSet = true
+		return nil
+	})
+}
+
+// XState returns thread tid's extended FPU state (PTRACE_GETREGSET
+// NT_X86_XSTATE). Injected syscalls do not change it.
+func (p *Process) XState(tid int) ([]byte, error) {
+	var out []byte
+	err := p.do(func() error {
+		th, err := p.thread(tid)
+		if err != nil {
+			return err
+		}
+		size := p.xstateSize
+		if size == 0 {
+			size = maxXStateSize
+		}
+		b := make([]byte, size)
+		n, err := ptraceGetRegSet(th.tid, unix.NT_X86_XSTATE, b)
+		if err != nil {
+			return goneErr(th, fmt.Errorf("get xstate of %d: %w", th.tid, err))
+		}
+		p.xstateSize = n
+		out = b[:n]
+		return nil
+	})
+	return out, err
+}
+
+// SetXState sets thread tid's extended FPU state (PTRACE_SETREGSET
+// NT_X86_XSTATE) now.
+func (p *Process) SetXState(tid int, b []byte) error {
+	return p.do(func() error {
+		th, err := p.thread(tid)
+		if err != nil {
+			return err
+		}
+		if err := ptraceSetRegSet(th.tid, unix.NT_X86_XSTATE, b); err != nil {
+			return goneErr(th, fmt.Errorf("set xstate of %d: %w", th.tid, err))
+		}
+		return nil
+	})
+}
+
+// SigMask returns the signal mask Detach will put back on thread tid (bit
+// n-1 is signal n): as found (PTRACE_GETSIGMASK), unless SetSigMask changed
+// it. For a thread stopped in ppoll, pselect or sigsuspend this is its
+// normal mask, not the temporary one.
+func (p *Process) SigMask(tid int) (uint64, error) {
+	var m uint64
+	err := p.do(func() error {
+		th, err := p.thread(tid)
+		if err == nil {
+			m = th.mask
+		}
+		return err
+	})
+	return m, err
+}
+
+// SetSigMask sets the signal mask Detach puts on thread tid
+// (PTRACE_SETSIGMASK at Detach).
+func (p *Process) SetSigMask(tid int, m uint64) error {
+	return p.do(func() error {
+		th, err := p.thread(tid)
+		if err != nil {
+			return err
+		}
+		th.mask, th.maskSet = m, true
+		return nil
+	})
+}
+
+// Rseq returns thread tid's rseq registration.
+func (p *Process) Rseq(tid int) (RseqConfig, error) {
+	var c RseqConfig
+	err := p.do(func() error {
+		th, err := p.thread(tid)
+		if err != nil {
+			return err
+		}
+		k, err := ptraceGetRseq(th.tid)
+		if err != nil {
+			return goneErr(th, fmt.Errorf("get rseq of %d: %w", th.tid, err))
+		}
+		c = RseqConfig{Addr: k.Addr, Len: k.Len, Flags: k.Flags, Sig: k.Sig}
+		return nil
+	})
+	return c, err
+}
+
+// PendingSignals returns the signals queued for thread tid (shared: the
+// process-wide queue instead), without dequeuing them (PTRACE_PEEKSIGINFO).
+func (p *Process) PendingSignals(tid int, shared bool) ([]Siginfo, error) {
+	var out []Siginfo
+	err := p.do(func() error {
+		th, err := p.thread(tid)
+		if err != nil {
+			return err
+		}
+		var buf [32]Siginfo
+		for {
+			n, err := ptracePeekSiginfo(th.tid, uint64(len(out)), shared, buf[:])
+			if err != nil {
+				return goneErr(th, fmt.Errorf("peek siginfo of %d: %w", th.tid, err))
+			}
+			out = append(out, buf[:n]...)
+			if n < len(buf) {
+				return nil
+			}
+		}
+	})
+	return out, err
+}

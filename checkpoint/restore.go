@@ -1,0 +1,319 @@
+package checkpoint
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"sort"
+	"sync"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/cowmig/cowmig/checkpoint/image"
+	"github.com/cowmig/cowmig/checkpoint/inject"
+	"github.com/cowmig/cowmig/checkpoint/procfs"
+	"github.com/cowmig/cowmig/uffd"
+)
+
+// PageFetcher fetches lazy pages of a live image from its source.
+type PageFetcher interface {
+	// Fetch fills buf with process proc's snapshot content at addr.
+	Fetch(ctx context.Context, proc uint32, addr uint64, buf []byte) error
+}
+
+// RestoreOptions configure a restore.
+type RestoreOptions struct {
+	Dir string
+	// WorkDir receives the stub executable; default os.TempDir().
+	WorkDir string
+	// Stdin, Stdout and Stderr become the clone's stdio descriptors
+	// (those the image records as a terminal or pipe); nil means /dev/null.
+	Stdin, Stdout, Stderr *os.File
+	// Fetcher serves the lazy pages of a live image.
+	Fetcher PageFetcher
+	// FaultBatch is the bytes fetched around a faulting page (64 KiB).
+	FaultBatch int
+	// FillChunk is the bytes per background fetch (1 MiB).
+	FillChunk int
+	// AllowSeccomp restores a process that ran under a seccomp filter
+	// without that filter: only for callers (the shim) whose container
+	// runtime installs it.
+	AllowSeccomp bool
+}
+
+// Restored is a running clone.
+type Restored struct {
+	// Pid is the clone's host pid; NSPid its pid in its own namespace.
+	Pid, NSPid int
+	Image      *image.Image
+	// Duration is the time from start to the clone running.
+	Duration time.Duration
+
+	init *exec.Cmd // the stub, pid 1 of the clone's namespace
+	// Lazy phase (live images only).
+	u    *uffd.FD
+	lazy *uffd.Lazy
+	loop *uffd.Loop
+	wg   sync.WaitGroup
+	errc chan error // first pager error
+	// lazyVmas are the ranges registered for MISSING faults.
+	lazyVmas []image.Vma
+	pager    *pager
+
+	killOnce sync.Once
+	exited   chan struct{} // closed when the stub has been reaped
+}
+
+// Restore recreates the image in o.Dir as a new process tree in a new pid
+// namespace and returns once it runs. For a live image the caller must
+// call Serve to run the pager.
+func Restore(ctx context.Context, o RestoreOptions) (*Restored, error) {
+	start := time.Now()
+	img, err := image.Read(o.Dir)
+	if err != nil {
+		return nil, fmt.Errorf("read image %s: %w", o.Dir, err)
+	}
+	if len(img.Processes) != 1 {
+		return nil, fmt.Errorf("restore %d processes: only single-process images are supported: %w", len(img.Processes), ErrUnsupported)
+	}
+	p := &img.Processes[0]
+	if p.Creds.Seccomp == 2 && !o.AllowSeccomp {
+		return nil, fmt.Errorf("process %d ran under a seccomp filter, which a host restore cannot reinstall: %w", p.Pid, ErrUnsupported)
+	}
+	if img.Mode == image.ModeLive && o.Fetcher == nil {
+		return nil, errors.New("restore live image: no page fetcher")
+	}
+	if err := checkVDSO(img); err != nil {
+		return nil, err
+	}
+	pages, err := os.Open(o.Dir + "/" + image.PagesFile)
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("open pages file: %w", err)
+	}
+	if pages != nil {
+		defer pages.Close()
+	}
+	workDir := o.WorkDir
+	if workDir == "" {
+		workDir = os.TempDir()
+	}
+	stubDir, err := os.MkdirTemp(workDir, "cowmig-restore-")
+	if err != nil {
+		return nil, fmt.Errorf("create stub dir: %w", err)
+	}
+	defer os.RemoveAll(stubDir)
+	stub, err := WriteStub(stubDir)
+	if err != nil {
+		return nil, err
+	}
+	cmd := exec.Command(stub)
+	cmd.Stdin, cmd.Stdout, cmd.Stderr = o.Stdin, o.Stdout, o.Stderr
+	// Pdeathsig: while pages are lazy the clone must die with its pager
+	// (DESIGN §3, monitor death); Serve disarms it once all are local.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Cloneflags: unix.CLONE_NEWPID, Pdeathsig: unix.SIGKILL, Setsid: true}
+	if err := cmd.Start(); err != nil {
+		return nil, fmt.Errorf("start restore stub: %w", err)
+	}
+	r := &Restored{Image: img, NSPid: p.Pid, init: cmd, errc: make(chan error, 1), exited: make(chan struct{})}
+	go func() {
+		cmd.Wait()
+		close(r.exited)
+	}()
+	if err := r.build(ctx, o, p, pages); err != nil {
+		r.Kill()
+		return nil, fmt.Errorf("restore pid %d: %w", p.Pid, err)
+	}
+	r.Duration = time.Since(start)
+	return r, nil
+}
+
+// build clones the process out of the stub and morphs it.
+func (r *Restored) build(ctx context.Context, o RestoreOptions, p *image.Process, pages *os.File) (err error) {
+	initTr, err := inject.Seize(r.init.Process.Pid, inject.Options{SuspendSeccomp: true, TraceClone: true})
+	if err != nil {
+		return fmt.Errorf("seize stub: %w", err)
+	}
+	child := initTr
+	if p.Pid != 1 {
+		if child, err = initTr.CloneProcess(p.Pid); err != nil {
+			return errors.Join(fmt.Errorf("clone pid %d out of the stub: %w", p.Pid, err), initTr.Detach())
+		}
+	}
+	r.Pid = child.Pid()
+	m := &morph{tr: child, p: p, img: r.Image, pages: pages, o: o, r: r}
+	err = m.run(ctx)
+	if err == nil && r.lazy != nil {
+		r.startPager(ctx, o)
+	}
+	if derr := child.Detach(); derr != nil && err == nil {
+		err = fmt.Errorf("detach clone: %w", derr)
+	}
+	if child != initTr {
+		if derr := initTr.Detach(); derr != nil && err == nil {
+			err = fmt.Errorf("detach stub: %w", derr)
+		}
+	}
+	return err
+}
+
+// checkVDSO refuses an image whose vDSO layout differs from this host's
+// (DESIGN §3: the three special mappings move together or not at all).
+func checkVDSO(img *image.Image) error {
+	mine, err := procfs.Maps(os.Getpid())
+	if err != nil {
+		return fmt.Errorf("read own maps: %w", err)
+	}
+	var cur []image.Vma
+	for _, m := range mine {
+		switch m.Path {
+		case "[vvar]", "[vvar_vclock]", "[vdso]":
+			cur = append(cur, image.Vma{Start: m.Start, End: m.End, Name: m.Path})
+		}
+	}
+	if err := sameLayout(cur, img.VDSO); err != nil {
+		return fmt.Errorf("vDSO layout of the image differs from this host's (%v): %w", err, ErrUnsupported)
+	}
+	return nil
+}
+
+func sameLayout(a, b []image.Vma) error {
+	if len(a) != len(b) {
+		return fmt.Errorf("%d special mappings here, %d in the image", len(a), len(b))
+	}
+	for i := range a {
+		if a[i].Len() != b[i].Len() || a[i].Start-a[0].Start != b[i].Start-b[0].Start {
+			return fmt.Errorf("mapping %d: %#x bytes at +%#x here, %#x at +%#x in the image",
+				i, a[i].Len(), a[i].Start-a[0].Start, b[i].Len(), b[i].Start-b[0].Start)
+		}
+	}
+	return nil
+}
+
+// startPager runs the MISSING fault loop and the background fill.
+func (r *Restored) startPager(ctx context.Context, o RestoreOptions) {
+	r.wg.Add(2)
+	go func() {
+		defer r.wg.Done()
+		if err := r.loop.Run(); err != nil {
+			r.fail(fmt.Errorf("fault loop: %w", err))
+		}
+	}()
+	chunk := o.FillChunk
+	if chunk == 0 {
+		chunk = 1 << 20
+	}
+	go func() {
+		defer r.wg.Done()
+		if err := r.lazy.Fill(ctx, chunk, nil); err != nil {
+			r.fail(fmt.Errorf("background fill: %w", err))
+		}
+	}()
+}
+
+// fail records the first pager error and kills the clone: it must never
+// run on pages the pager could not provide.
+func (r *Restored) fail(err error) {
+	if errors.Is(err, uffd.ErrGone) {
+		return // the clone exited
+	}
+	select {
+	case r.errc <- err:
+	default:
+	}
+	r.Kill()
+}
+
+// Serve waits until every lazy page is local, then ends the lazy phase:
+// the ranges are unregistered, the uffd closed and the clone no longer
+// dies with its pager. On a pager error the clone is killed and the error
+// returned. For an image without lazy pages it returns at once.
+func (r *Restored) Serve(ctx context.Context) error {
+	if r.lazy == nil {
+		return r.disarm()
+	}
+	var err error
+	select {
+	case <-r.lazy.Done():
+	case err = <-r.errc:
+	case <-ctx.Done():
+		err = ctx.Err()
+		r.Kill()
+	}
+	if err == nil {
+		// Children forked during the lazy phase are served by the same
+		// loop, so fill them before stopping it.
+		err = r.pager.fillChildren(ctx)
+	}
+	r.loop.Stop()
+	r.wg.Wait()
+	if err == nil {
+		select {
+		case err = <-r.errc:
+		default:
+		}
+	}
+	// Every snapshot page is local now; what stays registered must read
+	// as zero, which is what closing the uffd gives.
+	r.pager.closeChildren()
+	r.u.Close()
+	if err != nil {
+		r.Kill()
+		return err
+	}
+	return r.disarm()
+}
+
+// Remaining is the bytes of lazy pages not yet local.
+func (r *Restored) Remaining() uint64 {
+	if r.lazy == nil {
+		return 0
+	}
+	return r.lazy.Remaining()
+}
+
+// disarm clears the stub's parent-death signal so the clone outlives its
+// restorer.
+func (r *Restored) disarm() error {
+	tr, err := inject.Seize(r.init.Process.Pid, inject.Options{SuspendSeccomp: true})
+	if err != nil {
+		return fmt.Errorf("seize stub to disarm: %w", err)
+	}
+	_, err = tr.Syscall(0, unix.SYS_PRCTL, unix.PR_SET_PDEATHSIG, 0)
+	return errors.Join(err, tr.Detach())
+}
+
+// Kill kills the clone and its namespace (SIGKILL to the stub, pid 1).
+func (r *Restored) Kill() {
+	r.killOnce.Do(func() {
+		r.init.Process.Kill()
+	})
+}
+
+// Wait waits until the clone's namespace is gone. It returns the stub's
+// status; the clone's own exit status is not reported.
+func (r *Restored) Wait() error {
+	pfd, err := unix.PidfdOpen(r.Pid, 0)
+	if err == nil {
+		fds := []unix.PollFd{{Fd: int32(pfd), Events: unix.POLLIN}}
+		for {
+			if _, err := unix.Poll(fds, -1); err != unix.EINTR {
+				break
+			}
+		}
+		unix.Close(pfd)
+	}
+	r.Kill()
+	<-r.exited
+	return nil
+}
+
+// sortedFds returns the image's fds ordered by number.
+func sortedFds(fds []image.Fd) []image.Fd {
+	out := append([]image.Fd(nil), fds...)
+	sort.Slice(out, func(i, j int) bool { return out[i].Num < out[j].Num })
+	return out
+}

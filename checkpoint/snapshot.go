@@ -1,0 +1,511 @@
+package checkpoint
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"sort"
+	"sync"
+	"sync/atomic"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/cowmig/cowmig/checkpoint/image"
+	"github.com/cowmig/cowmig/uffd"
+)
+
+// ErrReleased is returned for requests to a released snapshot.
+var ErrReleased = errors.New("snapshot released")
+
+// ErrNotInSnapshot is returned for pages the snapshot does not hold.
+var ErrNotInSnapshot = errors.New("page not in snapshot")
+
+// Snapshot is the source side of a live (or full) dump: the pinned pages
+// of the COW window, and their drained copies.
+type Snapshot struct {
+	proc uint32
+	u    *uffd.FD // owned; closed when the COW window closes
+	loop *uffd.Loop
+	// segs are the pinned runs in address order, each inside one pipe.
+	segs  []pinSeg
+	pipes []*pinPipe
+	// store holds drained pages (live mode), one page per pinned page, in
+	// pipe order. Nil in full mode, where drains go to pages.img.
+	store []byte
+	// pages is pages.img (full mode only).
+	pages     *os.File
+	pagesBase uint64
+
+	pagesLazy uint64
+	wg        sync.WaitGroup // loop and drainer goroutines
+	stop      chan struct{}  // closed by Release
+	windowEnd chan struct{}  // closed when every pipe is drained and the uffd closed
+
+	mu sync.Mutex // guards the fields below
+	// released is set once by Release.
+	released bool
+	// err is the first drain error; the snapshot cannot serve after it.
+	err error
+	// doneClients counts Done calls from clients that fetched everything.
+	doneClients int
+}
+
+// pinSeg is a run of pinned pages in one pipe.
+type pinSeg struct {
+	addr, end uint64
+	pipe      int
+	off       uint64 // offset of addr in the pipe's data
+}
+
+// pinPipe is one pipe of pinned pages.
+type pinPipe struct {
+	mu sync.Mutex // guards r and the drain itself
+	r  *os.File   // read end; nil once drained
+	// base is the pipe's offset in the store (live) or in the drained part
+	// of pages.img (full); n its bytes.
+	base, n  uint64
+	segs     []int // indices in Snapshot.segs
+	drained  atomic.Bool
+	released bool // guarded by mu
+}
+
+// pin write-protects the mappings in vmas and pins runs in pipes. It runs
+// while the target is frozen.
+func (d *dumper) pin(p *image.Process, runs []pinRun, vmas []image.Vma) (*Snapshot, error) {
+	psz := uint64(pipeSize(d.o.PipeSize))
+	s := &Snapshot{proc: p.ID, stop: make(chan struct{}), windowEnd: make(chan struct{})}
+	ok := false
+	defer func() {
+		if !ok {
+			s.closeAll()
+		}
+	}()
+	// Split the runs into pipes of at most psz bytes and 1024 iovecs.
+	var cur *pinPipe
+	for _, r := range runs {
+		addr, left := r.addr, r.npages*image.PageSize
+		for left > 0 {
+			if cur == nil || cur.n == psz || len(cur.segs) == 1024 {
+				cur = &pinPipe{}
+				if n := len(s.pipes); n > 0 {
+					cur.base = s.pipes[n-1].base + s.pipes[n-1].n
+				}
+				s.pipes = append(s.pipes, cur)
+			}
+			n := min(left, psz-cur.n)
+			cur.segs = append(cur.segs, len(s.segs))
+			s.segs = append(s.segs, pinSeg{addr: addr, end: addr + n, pipe: len(s.pipes) - 1, off: cur.n})
+			cur.n += n
+			addr += n
+			left -= n
+		}
+	}
+	// Record the runs in the image.
+	for _, sg := range s.segs {
+		vi := sort.Search(len(p.Vmas), func(i int) bool { return p.Vmas[i].End > sg.addr })
+		run := image.Run{Addr: sg.addr, NPages: (sg.end - sg.addr) / image.PageSize, Where: image.OnServer}
+		if d.o.Mode == image.ModeFull {
+			run.Where, run.Off = image.InPages, d.pagesOff+s.pipes[sg.pipe].base+sg.off
+		}
+		p.Vmas[vi].Runs = append(p.Vmas[vi].Runs, run)
+		s.pagesLazy += run.NPages
+	}
+	if d.o.Mode == image.ModeFull {
+		s.pages, s.pagesBase = d.pages, d.pagesOff
+	} else {
+		d.img.Stats.PagesLazy = s.pagesLazy
+	}
+	d.img.Stats.PagesTotal += s.pagesLazy
+
+	// The uffd must be created inside the target: it acts on the mm of
+	// its creator (DESIGN §3).
+	f, err := d.tr.NewUffd(unix.O_CLOEXEC | unix.O_NONBLOCK)
+	if err != nil {
+		return nil, fmt.Errorf("create uffd in target: %w", err)
+	}
+	if s.u, err = uffd.FromFile(f); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("adopt uffd: %w", err)
+	}
+	if _, err := s.u.API(sourceFeatures); err != nil {
+		return nil, fmt.Errorf("uffd api: %w", err)
+	}
+	for _, v := range vmas {
+		if _, err := s.u.Register(v.Start, v.Len(), uffd.ModeWP); err != nil {
+			return nil, fmt.Errorf("register uffd-wp %#x+%#x: %w", v.Start, v.Len(), err)
+		}
+	}
+	for _, v := range vmas {
+		if err := s.u.WriteProtect(v.Start, v.Len(), true, false); err != nil {
+			return nil, fmt.Errorf("write-protect %#x+%#x: %w", v.Start, v.Len(), err)
+		}
+	}
+	if err := d.vmspliceAll(s, int(psz)); err != nil {
+		return nil, err
+	}
+	if d.o.Mode == image.ModeLive {
+		total := uint64(0)
+		if n := len(s.pipes); n > 0 {
+			total = s.pipes[n-1].base + s.pipes[n-1].n
+		}
+		s.store, err = unix.Mmap(-1, 0, int(total), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS|unix.MAP_NORESERVE)
+		if err != nil {
+			return nil, fmt.Errorf("map snapshot store of %d bytes: %w", total, err)
+		}
+	}
+	ok = true
+	return s, nil
+}
+
+// vmspliceAll fills every pipe with its pages, by vmsplice(2) run inside
+// the target: the pipe then holds references to the very pages, which
+// survive munmap and MADV_DONTNEED (DESIGN §3). Write ends travel into the
+// target in batches and are closed there after use.
+func (d *dumper) vmspliceAll(s *Snapshot, psz int) error {
+	scratch, err := d.tr.Scratch()
+	if err != nil {
+		return err
+	}
+	const batch = 250
+	for first := 0; first < len(s.pipes); first += batch {
+		last := min(first+batch, len(s.pipes))
+		var ws []*os.File
+		closeWs := func() {
+			for _, w := range ws {
+				w.Close()
+			}
+		}
+		for _, pp := range s.pipes[first:last] {
+			var fds [2]int
+			if err := unix.Pipe2(fds[:], unix.O_CLOEXEC); err != nil {
+				closeWs()
+				return fmt.Errorf("create pin pipe: %w", err)
+			}
+			pp.r = os.NewFile(uintptr(fds[0]), "pin")
+			w := os.NewFile(uintptr(fds[1]), "pin-w")
+			ws = append(ws, w)
+			if _, err := unix.FcntlInt(uintptr(fds[1]), unix.F_SETPIPE_SZ, psz); err != nil {
+				closeWs()
+				return fmt.Errorf("size pin pipe to %d bytes: %w", psz, err)
+			}
+		}
+		tfds, err := d.tr.InstallFds(ws)
+		closeWs()
+		if err != nil {
+			return fmt.Errorf("install pin pipes in target: %w", err)
+		}
+		var spliceErr error
+		for i, pp := range s.pipes[first:last] {
+			iov := make([]byte, 0, 16*len(pp.segs))
+			for _, si := range pp.segs {
+				sg := s.segs[si]
+				iov = binary.LittleEndian.AppendUint64(iov, sg.addr)
+				iov = binary.LittleEndian.AppendUint64(iov, sg.end-sg.addr)
+			}
+			if err := d.tr.WriteMem(scratch, iov); err != nil {
+				spliceErr = fmt.Errorf("write iovecs: %w", err)
+				break
+			}
+			n, err := d.tr.Syscall(0, unix.SYS_VMSPLICE, uintptr(tfds[i]), uintptr(scratch), uintptr(len(pp.segs)), unix.SPLICE_F_NONBLOCK)
+			if err != nil {
+				spliceErr = fmt.Errorf("vmsplice %d bytes: %w", pp.n, err)
+				break
+			}
+			if uint64(n) != pp.n {
+				spliceErr = fmt.Errorf("vmsplice pinned %d of %d bytes", n, pp.n)
+				break
+			}
+		}
+		if err := d.closeInTarget(tfds); err != nil {
+			return errors.Join(spliceErr, err)
+		}
+		if spliceErr != nil {
+			return spliceErr
+		}
+	}
+	return nil
+}
+
+// closeInTarget closes fds in the target, with close_range over runs of
+// consecutive numbers.
+func (d *dumper) closeInTarget(fds []int) error {
+	sorted := append([]int(nil), fds...)
+	sort.Ints(sorted)
+	var errs []error
+	for i := 0; i < len(sorted); {
+		j := i
+		for j+1 < len(sorted) && sorted[j+1] == sorted[j]+1 {
+			j++
+		}
+		if _, err := d.tr.Syscall(0, unix.SYS_CLOSE_RANGE, uintptr(sorted[i]), uintptr(sorted[j]), 0); err != nil {
+			errs = append(errs, fmt.Errorf("close fds %d-%d in target: %w", sorted[i], sorted[j], err))
+		}
+		i = j + 1
+	}
+	return errors.Join(errs...)
+}
+
+// start opens the COW window: the fault loop and the background drain.
+// Called right after the target is thawed.
+func (s *Snapshot) start() {
+	loop, err := uffd.NewLoop(s)
+	if err == nil {
+		err = loop.Add(s.u)
+	}
+	if err != nil {
+		// Without a loop, faulting writers would block forever: drop
+		// the protection instead and serve from the pipes.
+		s.setErr(fmt.Errorf("start fault loop: %w", err))
+		s.u.Close()
+		s.u = nil
+		close(s.windowEnd)
+		return
+	}
+	s.loop = loop
+	s.wg.Add(1)
+	go func() {
+		defer s.wg.Done()
+		if err := loop.Run(); err != nil {
+			s.setErr(fmt.Errorf("fault loop: %w", err))
+		}
+	}()
+	if s.pages != nil {
+		return // full mode: drainAll is called by Dump
+	}
+	s.wg.Add(1)
+	go func() {
+		defer s.wg.Done()
+		s.drainAll(context.Background())
+	}()
+}
+
+// drainAll drains every pipe, then closes the COW window.
+func (s *Snapshot) drainAll(ctx context.Context) error {
+	var first error
+	for i := range s.pipes {
+		select {
+		case <-s.stop:
+			return ErrReleased
+		default:
+		}
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		if err := s.drain(i); err != nil && first == nil {
+			first = err
+		}
+	}
+	s.closeWindow()
+	return first
+}
+
+// closeWindow ends the COW window: every page is saved, so the uffd goes.
+func (s *Snapshot) closeWindow() {
+	if s.loop != nil {
+		s.loop.Stop()
+	}
+	select {
+	case <-s.windowEnd:
+	default:
+		close(s.windowEnd)
+	}
+}
+
+// WindowClosed is closed when the COW window has ended.
+func (s *Snapshot) WindowClosed() <-chan struct{} { return s.windowEnd }
+
+// drain copies pipe i out (into the store or pages.img) and unprotects its
+// pages. A page's original is in its pipe until then, whatever the target
+// did to the mapping, so this is the only place pages are saved.
+func (s *Snapshot) drain(i int) error {
+	pp := s.pipes[i]
+	if pp.drained.Load() {
+		return nil
+	}
+	pp.mu.Lock()
+	defer pp.mu.Unlock()
+	if pp.drained.Load() {
+		return nil
+	}
+	if pp.released {
+		return ErrReleased
+	}
+	var err error
+	if s.store != nil {
+		_, err = io.ReadFull(pp.r, s.store[pp.base:pp.base+pp.n])
+	} else {
+		buf := make([]byte, pp.n)
+		if _, err = io.ReadFull(pp.r, buf); err == nil {
+			_, err = s.pages.WriteAt(buf, int64(s.pagesBase+pp.base))
+		}
+	}
+	pp.r.Close()
+	pp.r = nil
+	if err != nil {
+		err = fmt.Errorf("drain pin pipe %d: %w", i, err)
+		s.setErr(err)
+	}
+	pp.drained.Store(true)
+	s.unprotect(pp)
+	return err
+}
+
+// unprotect lifts write protection from a drained pipe's pages and wakes
+// writers blocked on them. Ranges the target unmapped or moved meanwhile
+// are no longer registered: fall back to page by page and ignore those.
+func (s *Snapshot) unprotect(pp *pinPipe) {
+	if s.u == nil {
+		return
+	}
+	for _, si := range pp.segs {
+		sg := s.segs[si]
+		if err := s.u.WriteProtect(sg.addr, sg.end-sg.addr, false, false); err == nil {
+			continue
+		} else if errors.Is(err, uffd.ErrGone) {
+			return
+		}
+		for a := sg.addr; a < sg.end; a += image.PageSize {
+			s.u.WriteProtect(a, image.PageSize, false, false)
+		}
+	}
+}
+
+// Fault handles a write-protect fault: drain the page's pipe (which
+// unprotects it). Implements uffd.Handler.
+func (s *Snapshot) Fault(u *uffd.FD, m uffd.Msg) error {
+	addr := m.Address &^ (image.PageSize - 1)
+	if i := s.findSeg(addr); i >= 0 {
+		s.drain(s.segs[i].pipe)
+	}
+	// Not pinned (zero at the snapshot instant), or drained meanwhile:
+	// just lift the protection. Errors here mean the range is gone.
+	u.WriteProtect(addr, image.PageSize, false, false)
+	return nil
+}
+
+// Event implements uffd.Handler; the source requests no events.
+func (s *Snapshot) Event(u *uffd.FD, m uffd.Msg) error { return nil }
+
+func (s *Snapshot) findSeg(addr uint64) int {
+	i := sort.Search(len(s.segs), func(i int) bool { return s.segs[i].end > addr })
+	if i < len(s.segs) && s.segs[i].addr <= addr {
+		return i
+	}
+	return -1
+}
+
+// ReadPages copies the snapshot's content of [addr, addr+len(buf)) of
+// process proc into buf.
+func (s *Snapshot) ReadPages(ctx context.Context, proc uint32, addr uint64, buf []byte) error {
+	if proc != s.proc {
+		return fmt.Errorf("process %d: %w", proc, ErrNotInSnapshot)
+	}
+	if addr%image.PageSize != 0 || len(buf)%image.PageSize != 0 {
+		return fmt.Errorf("read %#x+%#x: unaligned: %w", addr, len(buf), ErrNotInSnapshot)
+	}
+	for len(buf) > 0 {
+		i := s.findSeg(addr)
+		if i < 0 {
+			return fmt.Errorf("read %#x: %w", addr, ErrNotInSnapshot)
+		}
+		sg := s.segs[i]
+		if err := s.drain(sg.pipe); err != nil {
+			return err
+		}
+		pp := s.pipes[sg.pipe]
+		n := min(uint64(len(buf)), sg.end-addr)
+		off := pp.base + sg.off + (addr - sg.addr)
+		// The store is unmapped by Release under mu: copy under it.
+		s.mu.Lock()
+		if s.released || s.err != nil || s.store == nil {
+			err := s.err
+			s.mu.Unlock()
+			if err != nil {
+				return err
+			}
+			return ErrReleased
+		}
+		copy(buf[:n], s.store[off:off+n])
+		s.mu.Unlock()
+		buf = buf[n:]
+		addr += n
+	}
+	return nil
+}
+
+// Proc is the page-server id of the snapshot's process.
+func (s *Snapshot) Proc() uint32 { return s.proc }
+
+// PagesLazy is the number of pages served by the page server.
+func (s *Snapshot) PagesLazy() uint64 { return s.pagesLazy }
+
+// ClientDone records that a client has every page.
+func (s *Snapshot) ClientDone() {
+	s.mu.Lock()
+	s.doneClients++
+	s.mu.Unlock()
+}
+
+// DoneClients is the number of clients that fetched everything.
+func (s *Snapshot) DoneClients() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.doneClients
+}
+
+func (s *Snapshot) setErr(err error) {
+	s.mu.Lock()
+	if s.err == nil {
+		s.err = err
+	}
+	s.mu.Unlock()
+}
+
+// Err is the first error that broke the snapshot, if any.
+func (s *Snapshot) Err() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.err
+}
+
+// Release ends the snapshot: the COW window closes (writers are released),
+// pins are dropped and the store is freed. Safe to call more than once.
+func (s *Snapshot) Release() {
+	s.mu.Lock()
+	if s.released {
+		s.mu.Unlock()
+		return
+	}
+	s.released = true
+	s.mu.Unlock()
+	close(s.stop)
+	s.closeWindow()
+	s.wg.Wait()
+	s.closeAll()
+}
+
+// closeAll frees every resource; the goroutines must be stopped.
+func (s *Snapshot) closeAll() {
+	if s.u != nil {
+		s.u.Close() // also unregisters: blocked writers proceed
+		s.u = nil
+	}
+	for _, pp := range s.pipes {
+		pp.mu.Lock()
+		if pp.r != nil {
+			pp.r.Close()
+			pp.r = nil
+		}
+		pp.released = true
+		pp.mu.Unlock()
+	}
+	if s.store != nil {
+		s.mu.Lock()
+		unix.Munmap(s.store)
+		s.store = nil
+		s.mu.Unlock()
+	}
+}

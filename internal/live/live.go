@@ -1,0 +1,260 @@
+// Package live composes the checkpoint engine with the page transport: it
+// serves a live snapshot over ttrpc on the source, and restores a live
+// image on the destination with a pager that pulls pages from the source.
+// cmd/cowmig and the shim both use it; the engine and the transport stay
+// unaware of each other (DESIGN §2).
+package live
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"sync"
+	"time"
+
+	"github.com/cowmig/cowmig/checkpoint"
+	"github.com/cowmig/cowmig/checkpoint/image"
+	"github.com/cowmig/cowmig/transport"
+)
+
+// CheckpointOptions configure Checkpoint.
+type CheckpointOptions struct {
+	checkpoint.Options
+	// Listen is the page-server address (unix:PATH or tcp:HOST:PORT),
+	// required for live mode.
+	Listen string
+	// Advertise is the address written into the image for clients; it
+	// defaults to Listen (use it when listening on 0.0.0.0).
+	Advertise string
+}
+
+// Source is a checkpoint whose snapshot is being served.
+type Source struct {
+	Result *checkpoint.Result
+	srv    *transport.Server
+	snap   *checkpoint.Snapshot
+	served chan error // Serve's result
+
+	mu       sync.Mutex // guards the fields below
+	done     int        // clients that fetched everything
+	lastDone time.Time
+	released chan struct{} // closed by release
+	relOnce  sync.Once
+}
+
+// Checkpoint dumps pid. In live mode it also starts the page server on
+// o.Listen; the caller waits with Wait and must call Close.
+func Checkpoint(ctx context.Context, pid int, o CheckpointOptions) (*Source, error) {
+	if o.Mode == "" {
+		o.Mode = image.ModeLive
+	}
+	if o.Mode != image.ModeLive {
+		res, err := checkpoint.Dump(ctx, pid, o.Options)
+		if err != nil {
+			return nil, err
+		}
+		return &Source{Result: res, released: closedChan()}, nil
+	}
+	if o.Listen == "" {
+		return nil, errors.New("live checkpoint: no page-server listen address")
+	}
+	l, err := transport.Listen(o.Listen)
+	if err != nil {
+		return nil, fmt.Errorf("page server: %w", err)
+	}
+	token, err := transport.NewToken()
+	if err != nil {
+		l.Close()
+		return nil, err
+	}
+	o.Endpoint, o.Token = o.Listen, token
+	if o.Advertise != "" {
+		o.Endpoint = o.Advertise
+	}
+	res, err := checkpoint.Dump(ctx, pid, o.Options)
+	if err != nil {
+		l.Close()
+		return nil, err
+	}
+	s := &Source{Result: res, snap: res.Snapshot, served: make(chan error, 1), released: make(chan struct{})}
+	if s.snap == nil {
+		// Nothing lazy (no anonymous memory): serve an empty snapshot.
+		l.Close()
+		close(s.released)
+		return s, nil
+	}
+	s.srv, err = transport.NewServer(&pageSource{s: s}, transport.ServerConfig{Token: token, SnapshotID: res.Image.SnapshotID})
+	if err != nil {
+		l.Close()
+		s.snap.Release()
+		return nil, err
+	}
+	go func() { s.served <- s.srv.Serve(l) }()
+	return s, nil
+}
+
+func closedChan() chan struct{} {
+	c := make(chan struct{})
+	close(c)
+	return c
+}
+
+// Wait returns when the snapshot is released (by a client or Close), or
+// when at least one client fetched everything and ttl has passed since the
+// checkpoint, or maxAge has passed in any case (0: no limit).
+func (s *Source) Wait(ctx context.Context, ttl, maxAge time.Duration) error {
+	created := time.Now()
+	tick := time.NewTicker(100 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		select {
+		case <-s.released:
+			return nil
+		case <-ctx.Done():
+			return ctx.Err()
+		case err := <-s.served:
+			return err
+		case now := <-tick.C:
+			s.mu.Lock()
+			done := s.done
+			s.mu.Unlock()
+			if done > 0 && now.Sub(created) >= ttl {
+				return nil
+			}
+			if maxAge > 0 && now.Sub(created) >= maxAge {
+				return nil
+			}
+		}
+	}
+}
+
+// Close releases the snapshot and stops the page server.
+func (s *Source) Close() error {
+	s.release()
+	if s.srv != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		return s.srv.Shutdown(ctx)
+	}
+	return nil
+}
+
+func (s *Source) release() {
+	s.relOnce.Do(func() {
+		if s.snap != nil {
+			s.snap.Release()
+		}
+		select {
+		case <-s.released:
+		default:
+			close(s.released)
+		}
+	})
+}
+
+// pageSource adapts the engine's Snapshot to transport.PageSource.
+type pageSource struct{ s *Source }
+
+var _ transport.PageSource = (*pageSource)(nil)
+
+func (p *pageSource) Processes() []transport.ProcessInfo {
+	return []transport.ProcessInfo{{ID: p.s.snap.Proc(), PagesTotal: p.s.snap.PagesLazy()}}
+}
+
+func (p *pageSource) ReadPages(ctx context.Context, proc uint32, addr uint64, buf []byte) error {
+	err := p.s.snap.ReadPages(ctx, proc, addr, buf)
+	switch {
+	case err == nil:
+		return nil
+	case errors.Is(err, checkpoint.ErrNotInSnapshot):
+		return fmt.Errorf("%w: %v", transport.ErrBadRequest, err)
+	case errors.Is(err, checkpoint.ErrReleased):
+		return fmt.Errorf("%w: %v", transport.ErrClosed, err)
+	}
+	return err
+}
+
+func (p *pageSource) ClientDone(clientID string, proc uint32) {
+	p.s.snap.ClientDone()
+	p.s.mu.Lock()
+	p.s.done++
+	p.s.lastDone = time.Now()
+	p.s.mu.Unlock()
+}
+
+func (p *pageSource) Release() { p.s.release() }
+
+// Release asks the page server of a live image to release its snapshot.
+func Release(ctx context.Context, dir string) error {
+	img, err := image.Read(dir)
+	if err != nil {
+		return err
+	}
+	if img.Mode != image.ModeLive {
+		return fmt.Errorf("image %s is a %s image: nothing to release", dir, img.Mode)
+	}
+	c, err := transport.Dial(ctx, img.Endpoint, img.Token, clientID("release"), nil)
+	if err != nil {
+		return fmt.Errorf("connect to page server %s: %w", img.Endpoint, err)
+	}
+	defer c.Close()
+	return c.Release(ctx)
+}
+
+func clientID(role string) string {
+	h, _ := os.Hostname()
+	return fmt.Sprintf("%s/%s/%d/%d", role, h, os.Getpid(), time.Now().UnixNano())
+}
+
+// Restoring is a clone being restored from a live or self-contained image.
+type Restoring struct {
+	*checkpoint.Restored
+	c    *transport.Client
+	proc uint32
+}
+
+// Restore starts the clone of the image in ro.Dir; for a live image it
+// connects to the source's page server first. Call Serve next.
+func Restore(ctx context.Context, ro checkpoint.RestoreOptions) (*Restoring, error) {
+	img, err := image.Read(ro.Dir)
+	if err != nil {
+		return nil, fmt.Errorf("read image %s: %w", ro.Dir, err)
+	}
+	r := &Restoring{}
+	if img.Mode == image.ModeLive {
+		r.c, err = transport.Dial(ctx, img.Endpoint, img.Token, clientID("restore"), nil)
+		if err != nil {
+			return nil, fmt.Errorf("connect to page server %s: %w", img.Endpoint, err)
+		}
+		ro.Fetcher = fetcher{c: r.c}
+		r.proc = img.Processes[0].ID
+	}
+	if r.Restored, err = checkpoint.Restore(ctx, ro); err != nil {
+		if r.c != nil {
+			r.c.Close()
+		}
+		return nil, err
+	}
+	return r, nil
+}
+
+// Serve runs the pager until every page is local, tells the source, and
+// closes the connection. On failure the clone has been killed.
+func (r *Restoring) Serve(ctx context.Context) error {
+	err := r.Restored.Serve(ctx)
+	if r.c == nil {
+		return err
+	}
+	if err == nil {
+		err = r.c.Done(ctx, r.proc)
+	}
+	return errors.Join(err, r.c.Close())
+}
+
+// fetcher pulls pages from the page server.
+type fetcher struct{ c *transport.Client }
+
+func (f fetcher) Fetch(ctx context.Context, proc uint32, addr uint64, buf []byte) error {
+	return f.c.GetPages(ctx, proc, []transport.Range{{Addr: addr, Len: uint64(len(buf))}}, buf)
+}

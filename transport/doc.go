@@ -1,0 +1,49 @@
+// Package transport serves a live snapshot's memory to restoring clients: a
+// ttrpc page service (server and client) with token and TLS authentication.
+//
+// # Protocol
+//
+// The wire contract is pagesvc/v1/pages.proto (versioned protobuf over
+// github.com/containerd/ttrpc; field numbers are pinned there). A session is:
+//
+//	Open(token, protocol_version, client_id) → snapshot id, processes
+//	GetPages / StreamPages …                  (any number, concurrently)
+//	Done(client_id, process)                   once per process fully fetched
+//	Close(client_id) → ack                     ends the session
+//
+// Release(token) may come at any time from any client holding the token: the
+// server stops serving pages and the source frees the snapshot.
+//
+// Every request carries the snapshot token; the server compares it in
+// constant time and answers PermissionDenied on a mismatch, which the client
+// reports as ErrBadToken. Status codes map to this package's error kinds:
+//
+//	PermissionDenied           ErrBadToken
+//	InvalidArgument, OutOfRange ErrBadRequest
+//	Unavailable                ErrClosed   (server shut down or snapshot released)
+//	Unimplemented              ErrVersion  (protocol version or method unknown)
+//
+// Limits: every range is page aligned and non-empty. One GetPages answer
+// carries at most MaxGetPagesBytes (a ttrpc message is at most 4 MiB); the
+// client splits larger reads into requests of at most ClientRequestBytes
+// with up to ClientRequestsInFlight in flight. StreamPages sends chunks of
+// at most the requested chunk size (DefaultChunkSize, at most MaxChunkSize),
+// in range order, each inside one range.
+//
+// # Flow control
+//
+// ttrpc has no flow control for server streams: the client's connection
+// reader parks each message in a per-stream queue of 64 entries and, when a
+// queue stays full for a second, kills the stream (and meanwhile stalls every
+// other call on the connection). Client.Stream therefore never asks for more
+// than streamWindowChunks chunks per StreamPages call; it splits the ranges
+// into such windows and keeps streamWindowsInFlight windows requested ahead
+// of the one it is consuming. That bounds the client's buffered data and keeps
+// the on-demand GetPages path moving while the background fill runs.
+//
+// # Locks
+//
+// Server: gate (readers: page reads; writer: release) is never held while
+// taking mu; mu guards sessions and connections and is held only for map
+// updates. Client: no locks beyond ttrpc's own.
+package transport
