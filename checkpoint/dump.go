@@ -88,6 +88,12 @@ func Dump(ctx context.Context, pid int, o Options) (*Result, error) {
 	}
 	d.tr = tr
 	snap, err := d.frozen()
+	if snap != nil && err == nil {
+		// The fault loop must run before the threads do: they may fault
+		// on protected pages right away (the kernel's rseq update on
+		// the way out of the stop, the injector's last munmap).
+		snap.start()
+	}
 	detachErr := tr.Detach()
 	freeze := time.Since(start)
 	if err != nil || detachErr != nil {
@@ -99,7 +105,6 @@ func Dump(ctx context.Context, pid int, o Options) (*Result, error) {
 	d.img.Stats.FreezeNs = freeze.Nanoseconds()
 	res := &Result{Image: d.img, Freeze: freeze}
 	if snap != nil {
-		snap.start()
 		if o.Mode == image.ModeFull {
 			if err := snap.drainAll(ctx); err != nil {
 				snap.Release()

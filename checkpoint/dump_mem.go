@@ -63,10 +63,10 @@ func (d *dumper) memory(p *image.Process) (*Snapshot, error) {
 
 	var pins []pinRun
 	var wpVmas []image.Vma
+	if hasScratch {
+		maps = withoutRange(maps, sStart, sEnd)
+	}
 	for _, m := range maps {
-		if hasScratch && m.Start >= sStart && m.End <= sEnd {
-			continue // our own scratch mapping
-		}
 		v, class, err := d.describe(m)
 		if err != nil {
 			return nil, err
@@ -119,6 +119,32 @@ func (d *dumper) memory(p *image.Process) (*Snapshot, error) {
 		return nil, nil
 	}
 	return d.pin(p, pins, wpVmas)
+}
+
+// withoutRange cuts [start, end) — the injector's scratch mapping, which
+// the kernel may have merged with a neighbour — out of maps.
+func withoutRange(maps []procfs.Mapping, start, end uint64) []procfs.Mapping {
+	var out []procfs.Mapping
+	for _, m := range maps {
+		if m.End <= start || m.Start >= end {
+			out = append(out, m)
+			continue
+		}
+		if m.Start < start {
+			lo := m
+			lo.End = start
+			out = append(out, lo)
+		}
+		if m.End > end {
+			hi := m
+			if hi.IsFile() {
+				hi.Offset += end - m.Start
+			}
+			hi.Start = end
+			out = append(out, hi)
+		}
+	}
+	return out
 }
 
 // describe turns one mapping into its image form and class.

@@ -13,6 +13,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -32,16 +33,17 @@ func needRoot(t *testing.T) {
 // engine tested without the transport.
 type snapFetcher struct {
 	s *checkpoint.Snapshot
-	// failAfter, when > 0, makes the fetch number failAfter fail.
+	// failAfter, when > 0, makes the fetch number failAfter after armed
+	// is set fail.
 	failAfter int
-	n         int
+	armed     atomic.Bool
+	n         atomic.Int64
 }
 
 var errInjected = errors.New("injected fetch failure")
 
 func (f *snapFetcher) Fetch(ctx context.Context, proc uint32, addr uint64, buf []byte) error {
-	f.n++
-	if f.failAfter > 0 && f.n >= f.failAfter {
+	if f.failAfter > 0 && f.armed.Load() && int(f.n.Add(1)) >= f.failAfter {
 		return errInjected
 	}
 	return f.s.ReadPages(ctx, proc, addr, buf)
@@ -70,12 +72,17 @@ func dump(t *testing.T, pid int, mode image.Mode) (*checkpoint.Result, string) {
 // restore restores dir and returns the clone as a workload Proc reading
 // the clone's stdout.
 func restore(t *testing.T, dir string, f checkpoint.PageFetcher) (*checkpoint.Restored, *testworkload.Proc) {
+	return restoreOpts(t, checkpoint.RestoreOptions{Dir: dir, Fetcher: f})
+}
+
+func restoreOpts(t *testing.T, o checkpoint.RestoreOptions) (*checkpoint.Restored, *testworkload.Proc) {
 	t.Helper()
 	r, w, err := os.Pipe()
 	if err != nil {
 		t.Fatal(err)
 	}
-	rs, err := checkpoint.Restore(context.Background(), checkpoint.RestoreOptions{Dir: dir, Stdout: w, Stderr: os.Stderr, Fetcher: f})
+	o.Stdout, o.Stderr = w, os.Stderr
+	rs, err := checkpoint.Restore(context.Background(), o)
 	w.Close()
 	if err != nil {
 		r.Close()
@@ -137,7 +144,11 @@ func TestPythonClone(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	errc := make(chan error, 1)
-	go func() { errc <- rs.Serve(ctx) }()
+	go func() {
+		err := rs.Serve(ctx)
+		t.Logf("pager done: %v", err)
+		errc <- err
+	}()
 	line := clone.Verify(t)
 	t.Logf("clone: %s", line)
 	if err := <-errc; err != nil {
@@ -154,7 +165,10 @@ func TestFetchFailureKillsClone(t *testing.T) {
 	bin := testworkload.BuildC(t)
 	src := testworkload.Start(t, []string{bin, "-mem", "32", "-threads", "2"}, nil)
 	res, dir := dump(t, src.Pid, image.ModeLive)
-	rs, _ := restore(t, dir, &snapFetcher{s: res.Snapshot, failAfter: 3})
+	// On demand only, so that the failure hits the running clone.
+	f := &snapFetcher{s: res.Snapshot, failAfter: 1}
+	rs, _ := restoreOpts(t, checkpoint.RestoreOptions{Dir: dir, Fetcher: f, NoPrefetch: true})
+	f.armed.Store(true)
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	err := rs.Serve(ctx)

@@ -26,6 +26,7 @@ type morph struct {
 	o       RestoreOptions
 	r       *Restored
 	scratch uint64
+	hole    uint64 // free in both layouts; scratch at its start
 	// strOff is the next free byte of the scratch string area.
 	strOff uint64
 	// hostTids maps image thread index to host tid.
@@ -90,17 +91,18 @@ func (m *morph) prepareSpace(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	hole, err := findHole(cur, m.p.Vmas, holeSize)
-	if err != nil {
-		return err
-	}
-	m.tr.SetScratchHint(hole)
+	hole := m.hole
 	if m.scratch, err = m.tr.Scratch(); err != nil {
 		return fmt.Errorf("scratch: %w", err)
+	}
+	sStart, sEnd, _ := m.tr.ScratchRange()
+	if sStart < hole || sEnd > hole+holeSize/2 {
+		return fmt.Errorf("scratch %#x-%#x outside the chosen hole %#x", sStart, sEnd, hole)
 	}
 	if _, err := m.tr.FindSyscallInsn(); err != nil {
 		return fmt.Errorf("find syscall instruction in the vDSO: %w", err)
 	}
+	cur = withoutRange(cur, sStart, sEnd)
 	var block []procfs.Mapping
 	for _, c := range cur {
 		switch c.Path {
@@ -336,9 +338,9 @@ func (m *morph) lazyMemory(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("create uffd in clone: %w", err)
 	}
-	u, err := uffd.FromFile(f)
+	u, err := uffd.FromFile(f) // dups f
+	f.Close()
 	if err != nil {
-		f.Close()
 		return err
 	}
 	m.r.u = u

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"runtime"
 	"sort"
 	"sync"
 	"syscall"
@@ -39,6 +40,9 @@ type RestoreOptions struct {
 	FaultBatch int
 	// FillChunk is the bytes per background fetch (1 MiB).
 	FillChunk int
+	// NoPrefetch disables the background fill: pages arrive only when
+	// the clone touches them, and Serve returns once it has touched all.
+	NoPrefetch bool
 	// AllowSeccomp restores a process that ran under a seccomp filter
 	// without that filter: only for callers (the shim) whose container
 	// runtime installs it.
@@ -66,6 +70,9 @@ type Restored struct {
 
 	killOnce sync.Once
 	exited   chan struct{} // closed when the stub has been reaped
+	// unpin ends the goroutine whose OS thread forked the stub.
+	unpin     chan struct{}
+	unpinOnce sync.Once
 }
 
 // Restore recreates the image in o.Dir as a new process tree in a new pid
@@ -115,15 +122,17 @@ func Restore(ctx context.Context, o RestoreOptions) (*Restored, error) {
 	// Pdeathsig: while pages are lazy the clone must die with its pager
 	// (DESIGN §3, monitor death); Serve disarms it once all are local.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Cloneflags: unix.CLONE_NEWPID, Pdeathsig: unix.SIGKILL, Setsid: true}
-	if err := cmd.Start(); err != nil {
+	r := &Restored{Image: img, NSPid: p.Pid, init: cmd, errc: make(chan error, 1), exited: make(chan struct{}), unpin: make(chan struct{})}
+	if err := r.startStub(); err != nil {
 		return nil, fmt.Errorf("start restore stub: %w", err)
 	}
-	r := &Restored{Image: img, NSPid: p.Pid, init: cmd, errc: make(chan error, 1), exited: make(chan struct{})}
-	go func() {
-		cmd.Wait()
-		close(r.exited)
-	}()
+	go r.reap()
 	if err := r.build(ctx, o, p, pages); err != nil {
+		select {
+		case perr := <-r.errc:
+			err = errors.Join(err, fmt.Errorf("pager: %w", perr))
+		default:
+		}
 		r.Kill()
 		return nil, fmt.Errorf("restore pid %d: %w", p.Pid, err)
 	}
@@ -137,6 +146,17 @@ func (r *Restored) build(ctx context.Context, o RestoreOptions, p *image.Process
 	if err != nil {
 		return fmt.Errorf("seize stub: %w", err)
 	}
+	// The child inherits the stub's scratch mapping: place it in a hole
+	// of both the stub's and the image's layouts before the clone.
+	cur, err := procfs.Maps(r.init.Process.Pid)
+	if err != nil {
+		return errors.Join(fmt.Errorf("read stub maps: %w", err), initTr.Detach())
+	}
+	hole, err := findHole(cur, p.Vmas, holeSize)
+	if err != nil {
+		return errors.Join(err, initTr.Detach())
+	}
+	initTr.SetScratchHint(hole)
 	child := initTr
 	if p.Pid != 1 {
 		if child, err = initTr.CloneProcess(p.Pid); err != nil {
@@ -144,11 +164,8 @@ func (r *Restored) build(ctx context.Context, o RestoreOptions, p *image.Process
 		}
 	}
 	r.Pid = child.Pid()
-	m := &morph{tr: child, p: p, img: r.Image, pages: pages, o: o, r: r}
-	err = m.run(ctx)
-	if err == nil && r.lazy != nil {
-		r.startPager(ctx, o)
-	}
+	m := &morph{tr: child, p: p, img: r.Image, pages: pages, o: o, r: r, hole: hole}
+	err = m.run(ctx) // starts the pager once lazy memory is registered
 	if derr := child.Detach(); derr != nil && err == nil {
 		err = fmt.Errorf("detach clone: %w", derr)
 	}
@@ -195,13 +212,17 @@ func sameLayout(a, b []image.Vma) error {
 
 // startPager runs the MISSING fault loop and the background fill.
 func (r *Restored) startPager(ctx context.Context, o RestoreOptions) {
-	r.wg.Add(2)
+	r.wg.Add(1)
 	go func() {
 		defer r.wg.Done()
 		if err := r.loop.Run(); err != nil {
 			r.fail(fmt.Errorf("fault loop: %w", err))
 		}
 	}()
+	if o.NoPrefetch {
+		return
+	}
+	r.wg.Add(1)
 	chunk := o.FillChunk
 	if chunk == 0 {
 		chunk = 1 << 20
@@ -283,13 +304,59 @@ func (r *Restored) disarm() error {
 		return fmt.Errorf("seize stub to disarm: %w", err)
 	}
 	_, err = tr.Syscall(0, unix.SYS_PRCTL, unix.PR_SET_PDEATHSIG, 0)
-	return errors.Join(err, tr.Detach())
+	err = errors.Join(err, tr.Detach())
+	if err == nil {
+		r.release()
+	}
+	return err
+}
+
+// startStub forks the stub from a goroutine locked to its OS thread until
+// unpin: the parent-death signal fires when the forking *thread* exits
+// (prctl(2)), and the Go runtime ends threads whose locked goroutine
+// returns (the injector's tracers do), so an unpinned fork could kill the
+// clone at random.
+func (r *Restored) startStub() error {
+	started := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread()
+		err := r.init.Start()
+		started <- err
+		if err != nil {
+			return
+		}
+		<-r.unpin
+	}()
+	return <-started
+}
+
+func (r *Restored) release() { r.unpinOnce.Do(func() { close(r.unpin) }) }
+
+// reap waits for the stub to exit, then reaps it. It must not wait(2)
+// before: any thread's wait on a ptraced child consumes its ptrace stops
+// (kernel/exit.c: ptrace_do_wait runs for every thread of the waiter), so
+// an early cmd.Wait would steal the injector's stops. Polling a pidfd
+// consumes nothing.
+func (r *Restored) reap() {
+	defer close(r.exited)
+	pfd, err := unix.PidfdOpen(r.init.Process.Pid, 0)
+	if err == nil {
+		fds := []unix.PollFd{{Fd: int32(pfd), Events: unix.POLLIN}}
+		for {
+			if _, err := unix.Poll(fds, -1); err != unix.EINTR {
+				break
+			}
+		}
+		unix.Close(pfd)
+	}
+	r.init.Wait()
 }
 
 // Kill kills the clone and its namespace (SIGKILL to the stub, pid 1).
 func (r *Restored) Kill() {
 	r.killOnce.Do(func() {
 		r.init.Process.Kill()
+		r.release()
 	})
 }
 

@@ -120,19 +120,27 @@ func (d *dumper) pin(p *image.Process, runs []pinRun, vmas []image.Vma) (*Snapsh
 	}
 	d.img.Stats.PagesTotal += s.pagesLazy
 
+	// Pin first: every syscall injected after write-protection could
+	// fault on protected memory (the kernel writes the rseq area on the
+	// way back to user space) with no loop running yet to serve it.
+	if err := d.vmspliceAll(s, int(psz)); err != nil {
+		return nil, err
+	}
 	// The uffd must be created inside the target: it acts on the mm of
 	// its creator (DESIGN §3).
 	f, err := d.tr.NewUffd(unix.O_CLOEXEC | unix.O_NONBLOCK)
 	if err != nil {
 		return nil, fmt.Errorf("create uffd in target: %w", err)
 	}
-	if s.u, err = uffd.FromFile(f); err != nil {
-		f.Close()
+	s.u, err = uffd.FromFile(f) // dups f
+	f.Close()
+	if err != nil {
 		return nil, fmt.Errorf("adopt uffd: %w", err)
 	}
 	if _, err := s.u.API(sourceFeatures); err != nil {
 		return nil, fmt.Errorf("uffd api: %w", err)
 	}
+	// From here on only the monitor acts: ioctls on the uffd.
 	for _, v := range vmas {
 		if _, err := s.u.Register(v.Start, v.Len(), uffd.ModeWP); err != nil {
 			return nil, fmt.Errorf("register uffd-wp %#x+%#x: %w", v.Start, v.Len(), err)
@@ -142,9 +150,6 @@ func (d *dumper) pin(p *image.Process, runs []pinRun, vmas []image.Vma) (*Snapsh
 		if err := s.u.WriteProtect(v.Start, v.Len(), true, false); err != nil {
 			return nil, fmt.Errorf("write-protect %#x+%#x: %w", v.Start, v.Len(), err)
 		}
-	}
-	if err := d.vmspliceAll(s, int(psz)); err != nil {
-		return nil, err
 	}
 	if d.o.Mode == image.ModeLive {
 		total := uint64(0)

@@ -1,7 +1,38 @@
 #!/usr/bin/env bash
-# bench.sh: run cowmig's benchmarks. Placeholder: runs every Go benchmark
-# three times; the real benchmark driver replaces it.
+# bench.sh: cowmig's benchmarks (`make bench`). Runs the end-to-end harness
+# (bench/cowbench: live, full and stop checkpoints of 256 MiB, 1 GiB, 4 GiB
+# and a 4 GiB THP workload, with restore; medians, ratios and the targets),
+# then the Go micro-benchmarks of the uffd and transport packages.
+#
+#   scripts/bench.sh [cowbench flags]      e.g. -sizes 1G -reps 5 -json
+#
+# Needs root and gcc. COWBENCH_MICRO=0 skips the micro-benchmarks.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 GO=${GO:-/usr/local/go/bin/go}
-exec "$GO" test -run '^$' -bench . -benchtime 3x ./...
+export PATH="$(dirname "$GO"):$PATH"
+
+if [ "$(id -u)" -ne 0 ]; then
+	echo "bench.sh: must run as root (ptrace, userfaultfd, clone3 set_tid)" >&2
+	exit 1
+fi
+
+status=0
+echo "== cowbench: $GO run ./bench/cowbench $*"
+"$GO" run ./bench/cowbench "$@" || status=$?
+
+if [ "${COWBENCH_MICRO:-1}" != 0 ]; then
+	# Only packages that have benchmarks; -run '^$' skips their tests.
+	pkgs=()
+	for p in uffd transport; do
+		if grep -qs '^func Benchmark' "$p"/*_test.go; then
+			pkgs+=("./$p/")
+		fi
+	done
+	if [ ${#pkgs[@]} -gt 0 ]; then
+		echo
+		echo "== micro-benchmarks: $GO test -run '^\$' -bench . -benchtime 3x ${pkgs[*]}"
+		"$GO" test -run '^$' -bench . -benchtime 3x "${pkgs[@]}" || status=$?
+	fi
+fi
+exit "$status"

@@ -3,7 +3,6 @@ package transport
 import (
 	"bytes"
 	"context"
-	"fmt"
 	"syscall"
 	"testing"
 	"time"
@@ -52,8 +51,22 @@ func BenchmarkStream(b *testing.B) {
 	}
 	got = nil
 
-	for _, chunk := range []int{256 << 10, 1 << 20, 2 << 20} {
-		b.Run(fmt.Sprintf("chunk=%dKiB", chunk>>10), func(b *testing.B) {
+	cctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	for _, bc := range []struct {
+		name  string
+		ctx   context.Context
+		chunk int
+	}{
+		{"chunk=256KiB", ctx, 256 << 10},
+		{"chunk=1024KiB", ctx, 1 << 20},
+		{"chunk=2048KiB", ctx, 2 << 20},
+		// A cancellable context makes each receive go through a helper
+		// goroutine (window.recv).
+		{"chunk=1024KiB,cancellable", cctx, 1 << 20},
+	} {
+		chunk, ctx := bc.chunk, bc.ctx
+		b.Run(bc.name, func(b *testing.B) {
 			b.SetBytes(benchSize)
 			var sum byte
 			start := cpuTime(b)
@@ -106,5 +119,32 @@ func BenchmarkGetPages(b *testing.B) {
 				b.Fatal(err)
 			}
 		}
+	})
+	// Single pages while a background Stream runs on the same client: the
+	// fault latency a restored process sees during the fill.
+	b.Run("4KiB-during-stream", func(b *testing.B) {
+		sctx, stop := context.WithCancel(ctx)
+		streamed := make(chan error, 1)
+		go func() {
+			for {
+				err := c.Stream(sctx, 1, []Range{{testBase, benchSize}}, 0, func(uint64, []byte) error { return nil })
+				if err != nil {
+					streamed <- err
+					return
+				}
+			}
+		}()
+		buf := make([]byte, pageSz)
+		i := uint64(0)
+		for b.Loop() {
+			addr := testBase + (i*pageSz*17)%benchSize
+			i++
+			if err := c.GetPages(ctx, 1, []Range{{addr, pageSz}}, buf); err != nil {
+				b.Fatal(err)
+			}
+		}
+		b.StopTimer()
+		stop()
+		<-streamed
 	})
 }

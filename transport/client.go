@@ -28,6 +28,10 @@ const (
 	// final status message it must stay under ttrpc's per-stream queue of 64
 	// messages (see the package doc on flow control).
 	streamWindowChunks = 16
+	// streamWindowBytes bounds the data of one window, so that the client's
+	// queued data (streamWindowsInFlight windows) stays bounded whatever
+	// the chunk size.
+	streamWindowBytes = 16 << 20
 	// streamWindowsInFlight is how many windows Stream keeps requested: the
 	// one being consumed and the ones the server fills meanwhile.
 	streamWindowsInFlight = 3
@@ -38,9 +42,14 @@ const (
 // Client is a restoring side's session with a page server. Its methods may be
 // called concurrently.
 type Client struct {
+	// rpc carries Open, GetPages and the other short calls; Stream uses a
+	// second connection (bulk), so that a fault's GetPages never queues
+	// behind megabytes of background fill in the server's writer.
 	rpc        *ttrpc.Client
 	svc        pagesvc.PagesClient
 	service    string // the service's full name, for direct ttrpc calls
+	addr       string
+	tlsCfg     *tls.Config
 	token      []byte
 	id         string
 	snapshotID string
@@ -57,6 +66,9 @@ type Client struct {
 	mu      sync.Mutex
 	// closing is set by Close before it waits for workers; guarded by mu.
 	closing bool
+	// bulk is the Stream connection, dialled on first use; guarded by mu.
+	bulk    *ttrpc.Client
+	bulkSvc pagesvc.PagesClient
 
 	closed    atomic.Bool
 	closeOnce sync.Once
@@ -80,6 +92,8 @@ func Dial(ctx context.Context, addr string, token []byte, clientID string, tlsCf
 		rpc:      rpc,
 		svc:      pagesvc.NewPagesClient(rpc),
 		service:  string(pagesvc.File_pages_proto.Services().ByName("Pages").FullName()),
+		addr:     addr,
+		tlsCfg:   tlsCfg,
 		token:    append([]byte(nil), token...),
 		id:       clientID,
 		pageSize: uint64(os.Getpagesize()),
@@ -204,7 +218,11 @@ func (c *Client) Stream(ctx context.Context, proc uint32, ranges []Range, chunk 
 	if _, err := c.checkRanges(ranges); err != nil {
 		return fmt.Errorf("stream: %w", err)
 	}
-	windows := splitRanges(ranges, uint64(chunk)*streamWindowChunks, uint64(chunk))
+	svc, err := c.bulkClient(ctx)
+	if err != nil {
+		return err
+	}
+	windows := splitRanges(ranges, min(uint64(chunk)*streamWindowChunks, streamWindowBytes), uint64(chunk))
 	msg := newChunkIn()
 
 	var queue []*window
@@ -216,7 +234,7 @@ func (c *Client) Stream(ctx context.Context, proc uint32, ranges []Range, chunk 
 	next := 0
 	for range windows {
 		for next < len(windows) && len(queue) < streamWindowsInFlight {
-			w, err := c.openWindow(proc, windows[next], chunk, msg)
+			w, err := c.openWindow(svc, proc, windows[next], chunk, msg)
 			if err != nil {
 				return err
 			}
@@ -267,12 +285,34 @@ func (c *Client) Close() error {
 		}
 		c.mu.Lock()
 		c.closing = true
+		bulk := c.bulk
 		c.mu.Unlock()
 		c.cancel()
 		c.rpc.Close()
+		if bulk != nil {
+			bulk.Close()
+		}
 		c.workers.Wait()
 	})
 	return c.closeErr
+}
+
+// bulkClient returns the Stream connection, dialling it on first use.
+func (c *Client) bulkClient(ctx context.Context) (pagesvc.PagesClient, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closing {
+		return nil, fmt.Errorf("stream: %w", ErrClosed)
+	}
+	if c.bulk == nil {
+		conn, err := dial(ctx, c.addr, c.tlsCfg)
+		if err != nil {
+			return nil, fmt.Errorf("stream: %w", err)
+		}
+		c.bulk = ttrpc.NewClient(conn)
+		c.bulkSvc = pagesvc.NewPagesClient(c.bulk)
+	}
+	return c.bulkSvc, nil
 }
 
 // checkRanges validates ranges like the server does, so that a bad request
@@ -364,9 +404,9 @@ type window struct {
 // openWindow sends the StreamPages request of one window. The stream is tied
 // to the client's lifetime, not to Stream's ctx, so that it can be drained if
 // Stream gives up on it (ttrpc cannot cancel a stream).
-func (c *Client) openWindow(proc uint32, b batch, chunk int, msg *dataIn) (*window, error) {
+func (c *Client) openWindow(svc pagesvc.PagesClient, proc uint32, b batch, chunk int, msg *dataIn) (*window, error) {
 	req := &pagesvc.StreamPagesRequest{Token: c.token, Process: proc, Ranges: b.ranges, ChunkSize: uint32(chunk)}
-	st, err := c.svc.StreamPages(c.ctx, req)
+	st, err := svc.StreamPages(c.ctx, req)
 	if err != nil {
 		return nil, fromStatus(fmt.Sprintf("stream pages %#x+%#x", b.ranges[0].GetAddr(), b.bytes), err)
 	}

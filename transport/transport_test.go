@@ -6,6 +6,8 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"errors"
+	"fmt"
+	"io"
 	"net"
 	"os"
 	"path/filepath"
@@ -261,6 +263,30 @@ func TestServerValidates(t *testing.T) {
 		check("StreamPages with bad chunk size", err, codes.InvalidArgument)
 	}
 
+	// The generated decoder reads the in-place encoded stream.
+	st, err := raw.StreamPages(ctx, &pagesvc.StreamPagesRequest{Token: tok, Process: 1, ChunkSize: 64 << 10,
+		Ranges: []*pagesvc.Range{{Addr: testBase + pageSz, Length: 1 << 20}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var streamed []byte
+	for {
+		c, err := st.Recv()
+		if err != nil {
+			if !errors.Is(err, io.EOF) {
+				t.Fatalf("raw stream: %v", err)
+			}
+			break
+		}
+		if c.GetAddr() != testBase+pageSz+uint64(len(streamed)) || len(c.GetData()) != 64<<10 {
+			t.Fatalf("raw stream: chunk %#x+%#x after %d bytes", c.GetAddr(), len(c.GetData()), len(streamed))
+		}
+		streamed = append(streamed, c.GetData()...)
+	}
+	if !bytes.Equal(streamed, src.procs[1][pageSz:pageSz+1<<20]) {
+		t.Error("raw stream: content differs from the source")
+	}
+
 	_, err = raw.Open(ctx, &pagesvc.OpenRequest{Token: tok, ProtocolVersion: 2, ClientId: "x"})
 	check("Open version 2", err, codes.Unimplemented)
 	_, err = raw.Open(ctx, &pagesvc.OpenRequest{Token: tok, ProtocolVersion: ProtocolVersion})
@@ -351,6 +377,57 @@ func TestStream(t *testing.T) {
 			t.Fatalf("GetPages after failed streams: %v", err)
 		}
 	})
+}
+
+// TestConcurrent runs streams of small chunks and GetPages calls at once on
+// one connection, so that the server's buffer reuse and the client's windows
+// interleave, and checks every byte.
+func TestConcurrent(t *testing.T) {
+	const size = 16 << 20
+	src := newMemSource(map[uint32]int{1: size, 2: size})
+	ts := startServer(t, src, unixAddr(t), nil)
+	c := ts.dial(t, "client-a", nil)
+
+	errs := make(chan error, 6)
+	for i, chunk := range []int{pageSz, 16 << 10, 64 << 10, MaxChunkSize} {
+		proc := uint32(1 + i%2)
+		go func() {
+			ranges := []Range{{testBase, size}}
+			got := make([]byte, size)
+			if err := c.Stream(context.Background(), proc, ranges, chunk, collect(t, ranges, got, chunk)); err != nil {
+				errs <- err
+				return
+			}
+			if !bytes.Equal(got, src.procs[proc]) {
+				errs <- fmt.Errorf("stream of process %d in %d-byte chunks: content differs", proc, chunk)
+				return
+			}
+			errs <- nil
+		}()
+	}
+	for i := range 2 {
+		proc := uint32(1 + i)
+		go func() {
+			buf := make([]byte, 3*pageSz)
+			for off := uint64(0); off+3*pageSz <= size; off += 61 * pageSz {
+				r := []Range{{testBase + off, 3 * pageSz}}
+				if err := c.GetPages(context.Background(), proc, r, buf); err != nil {
+					errs <- err
+					return
+				}
+				if !bytes.Equal(buf, src.procs[proc][off:off+3*pageSz]) {
+					errs <- fmt.Errorf("GetPages of process %d at %#x: content differs", proc, off)
+					return
+				}
+			}
+			errs <- nil
+		}()
+	}
+	for range 6 {
+		if err := <-errs; err != nil {
+			t.Error(err)
+		}
+	}
 }
 
 func TestStreamStops(t *testing.T) {

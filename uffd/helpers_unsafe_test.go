@@ -92,3 +92,21 @@ func mremapFixed(old, dst []byte) error {
 func munmapPart(b []byte) error {
 	return unix.MunmapPtr(unsafe.Pointer(unsafe.SliceData(b)), uintptr(len(b)))
 }
+
+// rawForkExit forks the process with fork(2), the way a C program would
+// (Go's own fork shares the mm, which raises no UFFD_EVENT_FORK); the
+// child exits at once without running any Go code. It returns the child's
+// pid, to be reaped by the caller.
+//
+//go:norace
+//go:nosplit
+func rawForkExit() (int, unix.Errno) {
+	pid, _, errno := unix.RawSyscall(unix.SYS_FORK, 0, 0, 0)
+	if errno != 0 {
+		return 0, errno
+	}
+	if pid == 0 {
+		unix.RawSyscall(unix.SYS_EXIT_GROUP, 0, 0, 0)
+	}
+	return int(pid), 0
+}

@@ -3,6 +3,7 @@ package uffd
 import (
 	"errors"
 	"fmt"
+	"slices"
 	"sync"
 
 	"golang.org/x/sys/unix"
@@ -41,6 +42,14 @@ type EventLocker interface {
 // Handlers. It owns its epoll fd and an eventfd used by Stop, and no
 // goroutine: Run runs on the caller's. The Loop does not own the FDs added
 // to it: remove an FD before closing it, close the FDs yourself.
+//
+// Serving faults of the Go program that runs the Loop (a uffd made with
+// Open on memory this process touches) needs more Ps than goroutines that
+// can be blocked in faults at once: such a goroutine keeps its P, and when
+// the runtime preempts it with a signal so the Loop can run, the kernel
+// withdraws its unread fault message (fs/userfaultfd.c:handle_userfault);
+// with GOMAXPROCS=1 the two chase each other forever. Faults of other
+// processes, the normal case, have no such constraint.
 type Loop struct {
 	h      Handler
 	epfd   int // owned, closed by Close
@@ -189,6 +198,7 @@ func (l *Loop) Run() error {
 	events := make([]unix.EpollEvent, 8)
 	msgs := make([]Msg, loopBatch)
 	raw := make([]byte, loopBatch*msgSize)
+	var served []*loopEntry
 	for {
 		timeout := -1
 		if l.hasDeferred() {
@@ -206,6 +216,7 @@ func (l *Loop) Run() error {
 				return nil
 			}
 		}
+		served = served[:0]
 		for _, ev := range events[:n] {
 			e := l.lookup(ev.Fd)
 			if e == nil {
@@ -217,12 +228,20 @@ func (l *Loop) Run() error {
 			if err := l.serve(e, msgs, raw); err != nil {
 				return err
 			}
+			served = append(served, e)
 		}
-		if n == 0 {
-			for _, e := range l.snapshot() {
-				if err := l.retryDeferred(e); err != nil {
-					return err
-				}
+		// serve retried the deferred faults of the uffds it read; the
+		// others get their retry here, also when other uffds keep
+		// epoll_wait from timing out.
+		if !l.hasDeferred() {
+			continue
+		}
+		for _, e := range l.snapshot() {
+			if slices.Contains(served, e) {
+				continue
+			}
+			if err := l.retryDeferred(e); err != nil {
+				return err
 			}
 		}
 	}

@@ -17,10 +17,20 @@ func TestMain(m *testing.M) {
 	if os.Getenv(childEnv) == "1" {
 		os.Exit(runChild())
 	}
-	// A goroutine blocked in a userfault keeps its P; leave enough Ps for
-	// the Loop goroutine whatever the machine's core count.
-	runtime.GOMAXPROCS(max(4, runtime.GOMAXPROCS(0)))
 	os.Exit(m.Run())
+}
+
+// inProcessFaults prepares a test whose own goroutines fault on memory
+// the test's Loop serves. A goroutine blocked in a userfault keeps its P.
+// If the Loop then cannot get a P, the runtime preempts the faulting
+// goroutine with a signal, which withdraws its still unread fault message
+// (fs/userfaultfd.c:handle_userfault), so the Loop wakes to find nothing,
+// and the two can chase each other forever with GOMAXPROCS=1 (go test
+// -cpu 1). Four Ps leave room for a reader, Fill and the Loop.
+func inProcessFaults(t testing.TB) {
+	t.Helper()
+	prev := runtime.GOMAXPROCS(max(4, runtime.GOMAXPROCS(0)))
+	t.Cleanup(func() { runtime.GOMAXPROCS(prev) })
 }
 
 // runChild is the target process of TestRemoteMM: it creates a uffd for

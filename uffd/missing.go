@@ -28,8 +28,10 @@ type PageFetcher interface {
 // Lazy tracks per page whether it is local, i.e. needs no fetch: copied,
 // found present, discarded by the process (UFFD_EVENT_REMOVE: it reads as
 // zero now) or unreachable. It follows the process's mremap and munmap
-// through UFFD_EVENT_REMAP and UFFD_EVENT_UNMAP. The uffd should have been
-// created with LazyFeatures.
+// through UFFD_EVENT_REMAP and UFFD_EVENT_UNMAP; the uffd's API handshake
+// should therefore include LazyFeatures. Fault fetches synchronously on
+// the Loop's goroutine: while it waits for the fetcher, the uffd's other
+// faults and events wait too.
 //
 // Lazy fails closed: a fetch error, a copy error other than "already
 // present", or a vanished address space ends Fault or Fill with an error;
@@ -159,7 +161,7 @@ func (l *Lazy) Fault(u *FD, m Msg) error {
 	if kind == faultFetch {
 		buf := l.faultBuf[:n*PageSize]
 		if err := l.f.Fetch(src, buf); err != nil {
-			return fmt.Errorf("fetch %#x+%#x for fault at %#x: %w", src, len(buf), at, err)
+			return fmt.Errorf("fetch %#x+%#x (now at %#x) for fault at %#x: %w", src, len(buf), at, addr, err)
 		}
 		var err error
 		l.runs, err = l.install(src, buf, l.runs[:0])

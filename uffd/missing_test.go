@@ -71,8 +71,9 @@ type lazyRig struct {
 	runc chan error // the Loop's Run result, read through runErr
 	loop *Loop
 
-	runOnce sync.Once
-	runRes  error
+	runOnce    sync.Once
+	runRes     error
+	wantRunErr error // the error Run is expected to end with, if any
 }
 
 // runErr waits for the Loop's Run to return and returns its result.
@@ -96,10 +97,16 @@ func (r *lazyRig) eventsBarrier() {
 // the result from runc.
 func newLazyRig(t *testing.T, npages, batch int) *lazyRig {
 	t.Helper()
+	return newLazyRigFeatures(t, npages, batch, LazyFeatures)
+}
+
+func newLazyRigFeatures(t *testing.T, npages, batch int, features Feature) *lazyRig {
+	t.Helper()
+	inProcessFaults(t)
 	r := &lazyRig{m: mmapOwned(t, npages), f: &patFetcher{}, runc: make(chan error, 1)}
 	r.mem = r.m.mem
 	r.base = addrOf(r.mem)
-	r.u = openAPI(t, unix.O_NONBLOCK, LazyFeatures)
+	r.u = openAPI(t, unix.O_NONBLOCK, features)
 	if _, err := r.u.Register(r.base, uint64(npages)*PageSize, ModeMissing); err != nil {
 		t.Fatalf("Register: %v", err)
 	}
@@ -119,7 +126,7 @@ func newLazyRig(t *testing.T, npages, batch int) *lazyRig {
 	go func() { r.runc <- loop.Run() }()
 	t.Cleanup(func() {
 		loop.Stop()
-		if err := r.runErr(); err != nil && !errors.Is(err, errFetch) {
+		if err := r.runErr(); err != nil && (r.wantRunErr == nil || !errors.Is(err, r.wantRunErr)) {
 			t.Errorf("Loop.Run: %v", err)
 		}
 		// A reader still blocked in a fault (on a failing test) is
@@ -403,6 +410,7 @@ func TestLazyFetchErrorIsFatal(t *testing.T) {
 	checkFDs(t)
 	const n = 16
 	r := newLazyRig(t, n, PageSize)
+	r.wantRunErr = errFetch
 	r.f.failAt = r.base + 5*PageSize
 	if err := r.lz.Fill(context.Background(), 2*PageSize, nil); !errors.Is(err, errFetch) {
 		t.Errorf("Fill: err = %v, want the fetch error", err)
@@ -482,4 +490,49 @@ func TestLazyRemapEvents(t *testing.T) {
 			}
 		})
 	}
+}
+
+func TestLazyFork(t *testing.T) {
+	requireRoot(t)
+	checkFDs(t)
+	fork := func(t *testing.T) {
+		t.Helper()
+		// fork blocks until the Loop has read UFFD_EVENT_FORK.
+		pid, errno := rawForkExit()
+		if errno != 0 {
+			t.Fatalf("fork: %v", errno)
+		}
+		var ws unix.WaitStatus
+		if _, err := unix.Wait4(pid, &ws, 0, nil); err != nil || ws.ExitStatus() != 0 {
+			t.Fatalf("wait child: %v, status %v", err, ws)
+		}
+	}
+	t.Run("handler", func(t *testing.T) {
+		r := newLazyRigFeatures(t, 4, PageSize, LazyFeatures|FeatureEventFork)
+		children := make(chan error, 1)
+		r.lz.OnFork(func(child *FD) error {
+			// The child is exiting already; its uffd is still a uffd
+			// (FromRaw checked) that the handler owns and closes.
+			children <- child.Close()
+			return nil
+		})
+		fork(t)
+		r.eventsBarrier()
+		select {
+		case err := <-children:
+			if err != nil {
+				t.Errorf("close child uffd: %v", err)
+			}
+		default:
+			t.Fatalf("fork handler not called")
+		}
+	})
+	t.Run("no handler fails closed", func(t *testing.T) {
+		r := newLazyRigFeatures(t, 4, PageSize, LazyFeatures|FeatureEventFork)
+		r.wantRunErr = ErrNotSupported
+		fork(t)
+		if err := r.runErr(); !errors.Is(err, ErrNotSupported) {
+			t.Errorf("Loop.Run after unhandled fork: %v, want ErrNotSupported", err)
+		}
+	})
 }

@@ -150,7 +150,8 @@ type run struct {
 	addr, off, n uint64
 }
 
-// spanSet tracks all spans of one Lazy. Spans never overlap.
+// spanSet tracks all spans of one Lazy. Spans never overlap. It is not
+// safe for concurrent use: Lazy guards it with Lazy.mu.
 type spanSet struct {
 	byAddr  []*span // every span, sorted by addr
 	bySrc   []*span // fetch spans, sorted by src

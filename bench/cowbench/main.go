@@ -195,6 +195,8 @@ func run(ctx context.Context, cfg *config, stdout, stderr io.Writer) int {
 	var results []*repResult
 	var runErr error
 	start := time.Now()
+	// Other work on the machine skews every figure: report the load.
+	load0 := loadavg()
 loop:
 	for _, w := range cfg.workloads {
 		// Reps outermost, modes innermost: drift over the run hits every
@@ -229,6 +231,7 @@ loop:
 		enc.SetIndent("", "  ")
 		out := struct {
 			Machine string       `json:"machine"`
+			Load    [2]string    `json:"loadavg_start_end"`
 			Reps    int          `json:"reps"`
 			Writes  int          `json:"writes"`
 			Rows    []row        `json:"rows"`
@@ -236,11 +239,12 @@ loop:
 			Targets []target     `json:"targets"`
 			Runs    []*repResult `json:"runs"`
 			Error   string       `json:"error,omitempty"`
-		}{env, cfg.reps, cfg.writes, rows, ratios(rows), targets, results, errString(runErr)}
+		}{env, [2]string{load0, loadavg()}, cfg.reps, cfg.writes, rows, ratios(rows), targets, results, errString(runErr)}
 		enc.Encode(out)
 	} else {
 		fmt.Fprintf(stdout, "cowbench: %s\n", env)
-		fmt.Fprintf(stdout, "medians over %d rep(s); %d writes per phase; total %.0fs\n\n", cfg.reps, cfg.writes, time.Since(start).Seconds())
+		fmt.Fprintf(stdout, "medians over %d rep(s); %d writes per phase; total %.0fs; load average at start %s, at end %s\n\n",
+			cfg.reps, cfg.writes, time.Since(start).Seconds(), load0, loadavg())
 		printTable(stdout, rows)
 		printRatios(stdout, ratios(rows))
 		printTargets(stdout, targets)
@@ -282,6 +286,19 @@ func machine() string {
 	thp, _ := os.ReadFile("/sys/kernel/mm/transparent_hugepage/enabled")
 	return fmt.Sprintf("kernel %s, %d CPUs, %.1f GiB RAM, THP %s, %s", rel, runtime.NumCPU(),
 		float64(mem)/(1<<20), strings.TrimSpace(string(thp)), runtime.Version())
+}
+
+// loadavg returns the 1-minute load average.
+func loadavg() string {
+	b, err := os.ReadFile("/proc/loadavg")
+	if err != nil {
+		return "?"
+	}
+	f := strings.Fields(string(b))
+	if len(f) == 0 {
+		return "?"
+	}
+	return f[0]
 }
 
 func utsString(b []int8) string {

@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -129,6 +130,10 @@ type memload struct {
 	cmd *exec.Cmd
 	out *lines
 	pid int
+	// unpin releases the goroutine that holds the forking thread; pinned
+	// is closed when it has returned.
+	unpin  chan struct{}
+	pinned chan struct{}
 }
 
 // startMemload starts bin and waits for its "ready" line. Its stdout and
@@ -145,15 +150,32 @@ func startMemload(bin string, mib int, thp bool, writes int, timeout time.Durati
 	}
 	cmd := exec.Command(bin, args...)
 	cmd.Stdout, cmd.Stderr = pw, pw
-	// The workload must not outlive a killed benchmark.
+	// The workload must not outlive a killed benchmark. The parent-death
+	// signal fires when the forking *thread* exits, and the Go runtime ends
+	// threads whose locked goroutine returns (the engine's ptrace tracers
+	// do), so fork from a thread pinned until close.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := cmd.Start(); err != nil {
+	unpin := make(chan struct{})
+	pinned := make(chan struct{})
+	started := make(chan error, 1)
+	go func() {
+		defer close(pinned)
+		runtime.LockOSThread()
+		err := cmd.Start()
+		started <- err
+		if err == nil {
+			<-unpin
+		}
+		runtime.UnlockOSThread()
+	}()
+	if err := <-started; err != nil {
+		<-pinned
 		pr.Close()
 		pw.Close()
 		return nil, fmt.Errorf("start memload: %w", err)
 	}
 	pw.Close()
-	m := &memload{cmd: cmd, out: readLines(pr), pid: cmd.Process.Pid}
+	m := &memload{cmd: cmd, out: readLines(pr), pid: cmd.Process.Pid, unpin: unpin, pinned: pinned}
 	if _, err := m.out.expect("ready ", timeout); err != nil {
 		m.close()
 		return nil, fmt.Errorf("memload -mib %d: %w", mib, err)
@@ -169,10 +191,29 @@ func (m *memload) signal(sig syscall.Signal) error {
 	return nil
 }
 
+// state describes the workload after its output ended: its exit status
+// if it exited, else its /proc state (the output can also end because the
+// process lost its stdout).
+func (m *memload) state() string {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", m.pid))
+	if err == nil {
+		// pid (comm) S ...
+		if i := strings.LastIndexByte(string(b), ')'); i > 0 && len(b) > i+2 && b[i+2] != 'Z' {
+			return fmt.Sprintf("pid %d still exists, state %c", m.pid, b[i+2])
+		}
+	}
+	if err := m.cmd.Wait(); err != nil {
+		return fmt.Sprintf("pid %d: %v", m.pid, err)
+	}
+	return fmt.Sprintf("pid %d: %v", m.pid, m.cmd.ProcessState)
+}
+
 // close kills the workload and waits for it.
 func (m *memload) close() {
 	m.cmd.Process.Kill()
 	m.cmd.Wait()
+	close(m.unpin)
+	<-m.pinned
 	m.out.close()
 }
 

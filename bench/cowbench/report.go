@@ -25,6 +25,8 @@ type row struct {
 	WinP99       float64    `json:"win_p99_ns"`
 	BaseMean     float64    `json:"base_mean_ns"`
 	WinMean      float64    `json:"win_mean_ns"`
+	BaseMax      float64    `json:"base_max_ns"`
+	WinMax       float64    `json:"win_max_ns"`
 	RestoreMs    float64    `json:"restore_ms"`
 	AllLocalMs   float64    `json:"all_local_ms"`
 	FillGiBs     float64    `json:"fill_gibs"`
@@ -66,6 +68,8 @@ func medians(cfg *config, results []*repResult) []row {
 				WinP99:       med(func(r *repResult) float64 { return float64(r.Win.P99) }),
 				BaseMean:     med(func(r *repResult) float64 { return float64(r.Base.Mean) }),
 				WinMean:      med(func(r *repResult) float64 { return float64(r.Win.Mean) }),
+				BaseMax:      med(func(r *repResult) float64 { return float64(r.Base.Max) }),
+				WinMax:       med(func(r *repResult) float64 { return float64(r.Win.Max) }),
 				RestoreMs:    med(func(r *repResult) float64 { return r.RestoreMs }),
 				AllLocalMs:   med(func(r *repResult) float64 { return r.AllLocalMs }),
 				FillGiBs:     med(func(r *repResult) float64 { return r.FillGiBs }),
@@ -89,11 +93,11 @@ func median(v []float64) float64 {
 	}
 	s := slices.Clone(v)
 	slices.Sort(s)
-	if n := len(s); n%2 == 1 {
+	n := len(s)
+	if n%2 == 1 {
 		return s[n/2]
-	} else {
-		return (s[n/2-1] + s[n/2]) / 2
 	}
+	return (s[n/2-1] + s[n/2]) / 2
 }
 
 // div is a/b, or 0 when b is 0.
@@ -106,16 +110,17 @@ func div(a, b float64) float64 {
 
 func printTable(w io.Writer, rows []row) {
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintln(tw, "workload\tmode\tfreeze_ms\twindow_ms\tin_win\tp50_base\tp50_win\tp50_x\tp99_base\tp99_win\tp99_x\tmean_x\trestore_ms\tall_local_ms\tfill_GiB/s\tlazy_MiB\tthp_MiB\tverified\t")
+	fmt.Fprintln(tw, "workload\tmode\tfreeze_ms\twindow_ms\tin_win\tp50_base\tp50_win\tp50_x\tp99_base\tp99_win\tp99_x\tmean_x\tmax_base_us\tmax_win_us\trestore_ms\tall_local_ms\tfill_GiB/s\tlazy_MiB\tthp_MiB\tverified\t")
 	for _, r := range rows {
 		fill := "-"
 		if r.FillGiBs > 0 {
 			fill = fmt.Sprintf("%.2f", r.FillGiBs)
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%.2f\t%.1f\t%.0f%%\t%.0f\t%.0f\t%.2f\t%.0f\t%.0f\t%.2f\t%.2f\t%.2f\t%.1f\t%s\t%.0f\t%.0f\t%d/%d\t\n",
+		fmt.Fprintf(tw, "%s\t%s\t%.2f\t%.1f\t%.0f%%\t%.0f\t%.0f\t%.2f\t%.0f\t%.0f\t%.2f\t%.2f\t%.1f\t%.1f\t%.2f\t%.1f\t%s\t%.0f\t%.0f\t%d/%d\t\n",
 			r.Workload, r.Mode, r.FreezeMs, r.WindowMs, 100*r.WinOverlap,
 			r.BaseP50, r.WinP50, div(r.WinP50, r.BaseP50),
 			r.BaseP99, r.WinP99, div(r.WinP99, r.BaseP99), div(r.WinMean, r.BaseMean),
+			r.BaseMax/1000, r.WinMax/1000,
 			r.RestoreMs, r.AllLocalMs, fill, r.LazyMiB, r.THPMiB, r.Verified, r.Reps)
 	}
 	tw.Flush()
@@ -125,7 +130,7 @@ func printTable(w io.Writer, rows []row) {
   in_win        share of the window write phase that ran before the window closed
   p50/p99       8-byte write latency (ns) at distinct pages: base = no snapshot, win = started right after
                 the freeze (live: when Checkpoint returned; full: on detach; stop: after Checkpoint, no window);
-                _x = win / base
+                _x = win / base; mean_x compares mean latencies; max_*_us is the slowest single write (µs)
   restore_ms    restore-to-running (Restored.Duration); all_local_ms = Restore called .. Serve returned
   fill_GiB/s    lazy bytes / time in Serve (live only)`)
 }

@@ -18,6 +18,9 @@ import (
 // checksum or write phase takes about a second.
 const ioTimeout = 2 * time.Minute
 
+// repTimeout bounds one repetition.
+const repTimeout = 10 * time.Minute
+
 // errEngine marks failures of cowmig itself (checkpoint, restore, serve or
 // a wrong clone), as opposed to failures of the harness.
 var errEngine = errors.New("engine")
@@ -60,6 +63,9 @@ type repResult struct {
 // runRep runs one rep: workload, baseline writes, checkpoint with a write
 // phase in the window, restore, serve, verify, teardown.
 func runRep(ctx context.Context, cfg *config, bin string, w workload, mode image.Mode, rep int) (res *repResult, err error) {
+	// A hung engine must not hang the benchmark; a 4 GiB rep takes < 1 min.
+	ctx, cancel := context.WithTimeout(ctx, repTimeout)
+	defer cancel()
 	res = &repResult{Workload: w.Name, Mode: mode, Rep: rep}
 	m, err := startMemload(bin, w.MiB, w.THP, cfg.writes, 5*time.Minute)
 	if err != nil {
@@ -168,7 +174,7 @@ func checkpointPhase(ctx context.Context, m *memload, mode image.Mode, dir, sock
 		case s, ok := <-m.out.ch:
 			if !ok {
 				src.Close()
-				return nil, fmt.Errorf("%w: source died in the COW window: %w%s", errEngine, errEOF, m.out.skipped())
+				return nil, fmt.Errorf("%w: source output ended in the COW window (%s): %w%s", errEngine, m.state(), errEOF, m.out.skipped())
 			}
 			if ok, line := m.out.match(s, "writes "); ok {
 				wline = line

@@ -88,7 +88,7 @@ func (p *Process) cloneProcess(pid int) (_ *Process, err error) {
 	if newPid == 0 {
 		return nil, fmt.Errorf("clone process %d: %w", pid, err)
 	}
-	c := &Process{pid: newPid, t: p.t, opts: p.opts, insn: p.insn,
+	c := &Process{pid: newPid, t: p.t, opts: p.opts, insn: p.insn, insnChecked: p.insnChecked,
 		scratch: p.scratch, scratchLen: p.scratchLen, scratchHint: p.scratchHint, xstateSize: p.xstateSize}
 	nt := &thread{tid: newPid, saved: th.saved, mask: th.mask, maskSet: true, injMask: th.injMask, regsSet: true}
 	c.threads = []*thread{nt}
@@ -208,7 +208,7 @@ func (p *Process) discardThread(nt *thread) error {
 	for {
 		ws, err := wait4(nt.tid, 0)
 		if err != nil || ws.Exited() || ws.Signaled() {
-			nt.gone = true
+			nt.gone, nt.reaped = true, true
 			return nil
 		}
 		_ = ptraceRaw(unix.PTRACE_CONT, nt.tid, 0, 0)

@@ -1,6 +1,7 @@
 package inject
 
 import (
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -44,6 +45,13 @@ func testCloneInPidNS(t *testing.T, opts Options) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(func() {
+		// On failure: the namespace's init cannot exit while the child is
+		// still traced.
+		if err := child.Kill(); err != nil && !errors.Is(err, ErrClosed) {
+			t.Errorf("cleanup kill child: %v", err)
+		}
+	})
 	hostPid := child.Pid()
 	if got := statusField(t, fmt.Sprintf("/proc/%d/status", hostPid), "NSpid"); got != fmt.Sprintf("%d\t777", hostPid) {
 		t.Fatalf("child NSpid %q, want %d\\t777", got, hostPid)

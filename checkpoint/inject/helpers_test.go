@@ -2,6 +2,7 @@ package inject
 
 import (
 	"bufio"
+	"bytes"
 	"errors"
 	"fmt"
 	"io"
@@ -286,4 +287,12 @@ func errnoOf(err error) unix.Errno {
 		return e
 	}
 	return 0
+}
+
+// tracerRunning reports whether a tracer goroutine exists. Detach returns
+// once the goroutine closed its done channel, which it does just before it
+// returns, so callers poll.
+func tracerRunning() bool {
+	buf := make([]byte, 1<<20)
+	return bytes.Contains(buf[:runtime.Stack(buf, true)], []byte("(*tracer).loop"))
 }

@@ -20,11 +20,15 @@
 // parent's tracer, because the kernel makes the parent's tracer thread their
 // tracer. Fields marked "tracer-owned" are read and written only on that
 // goroutine, so they need no lock. ReadMem, WriteMem and GetFd do not use
-// ptrace and run on the caller's goroutine.
+// ptrace and run on the caller's goroutine. Each request costs two hand-offs
+// between OS threads; Batch runs a sequence of injections in one.
 //
-// The caller must not wait(2) for a tracee it is the parent of while the
-// tracee is attached: waitpid of the parent also reports (and consumes) the
-// ptrace stops this package waits for.
+// No thread of the calling process may wait(2) for a tracee it is the parent
+// of while the tracee is attached (os/exec's Cmd.Wait, a reaper calling
+// wait4(-1)): when the tracer and the real parent are one process, the
+// kernel reports ptrace stops to any waiter, even without WUNTRACED
+// (kernel/exit.c:wait_consider_task), and the stop this package waits for is
+// consumed.
 //
 // # How a syscall is injected
 //
@@ -46,8 +50,8 @@
 // PTRACE_INTERRUPT interrupted (rax = -ERESTARTSYS and friends, orig_rax =
 // the syscall) and puts back a temporary signal mask (ppoll, sigsuspend):
 // arch/x86/kernel/signal.c:arch_do_signal_or_restart. Interrupt stops and
-// single-step traps are inside get_signal; a PTRACE_SYSCALL exit stop is not,
-// (nor is a clone event stop), so such a thread is parked again
+// single-step traps are inside get_signal; a PTRACE_SYSCALL exit stop and a
+// clone event stop are not, so such a thread is parked again
 // (PTRACE_INTERRUPT + PTRACE_CONT) before its saved registers are put back
 // and it is detached.
 package inject
@@ -127,8 +131,10 @@ type thread struct {
 	regsSet bool
 	// parked: the thread is stopped inside get_signal (see package doc).
 	parked bool
-	// gone: the thread exited or was killed.
-	gone bool
+	// gone: the thread is no longer usable: it died, or was detached
+	// (detached). reaped: wait4 collected its exit, which releases a dead
+	// tracee's ptrace link (until then it stays a zombie traced by us).
+	gone, detached, reaped bool
 }
 
 // Process is a ptrace-attached, stopped process.
@@ -147,8 +153,10 @@ type Process struct {
 	opts    Options
 	threads []*thread // leader first
 	closed  bool
-	// insn is the address of a `syscall` instruction (0: not found yet).
-	insn uint64
+	// insn is the address of a `syscall` instruction (0: not found yet);
+	// insnChecked: it was verified (see syscallInsn).
+	insn        uint64
+	insnChecked bool
 	// scratch is the injected scratch mapping [scratch, scratch+scratchLen)
 	// (0: none); scratchHint the address to create it at (0: anywhere).
 	scratch, scratchLen, scratchHint uint64
@@ -290,24 +298,74 @@ func (p *Process) detachLocked() error {
 			errs = append(errs, err)
 		}
 	}
-	gone := false
+	killed, released := false, 0
 	for _, th := range p.threads {
 		if th.gone {
-			gone = true
+			killed = true
 			continue
 		}
-		if err := p.detachThread(th); err != nil {
-			if errors.Is(err, ErrTraceeGone) {
-				gone = true
-				continue
+		err := p.detachThread(th)
+		switch {
+		case err == nil:
+			released++
+		case errors.Is(err, ErrTraceeGone):
+			// After a thread was released, the others may be killed by
+			// its exit_group or execve: that is the process running on,
+			// not an error.
+			if released == 0 {
+				killed = true
 			}
+		default:
 			errs = append(errs, fmt.Errorf("detach thread %d: %w", th.tid, err))
 		}
 	}
-	if gone {
+	errs = append(errs, p.reapDead())
+	if killed {
 		errs = append(errs, fmt.Errorf("detach %d: %w", p.pid, ErrTraceeGone))
 	}
 	errs = append(errs, p.closeLocked())
+	return errors.Join(errs...)
+}
+
+// reapDead collects the exit of every thread that died while attached, so
+// that none stays a zombie traced by us. Non-leader threads go first: the
+// kernel reports the leader's exit only after every other thread has been
+// released (kernel/exit.c:delay_group_leader). A leader whose real parent
+// is this process is only waited for, not reaped, so its parent can still
+// wait for it.
+func (p *Process) reapDead() error {
+	var errs []error
+	parentIsUs := false
+	if st, err := readStatus(p.pid); err == nil {
+		parentIsUs = st.ppid == os.Getpid()
+	}
+	for _, th := range slices.Backward(p.threads) {
+		if !th.gone || th.detached || th.reaped {
+			continue
+		}
+		if th.tid == p.pid && parentIsUs {
+			if err := waitExitedNoReap(th.tid); err != nil && err != unix.ECHILD {
+				errs = append(errs, fmt.Errorf("wait %d: %w", th.tid, err))
+			}
+			th.gone, th.reaped = true, true
+			continue
+		}
+		for {
+			ws, err := wait4(th.tid, 0)
+			if err != nil {
+				if err != unix.ECHILD {
+					errs = append(errs, fmt.Errorf("wait %d: %w", th.tid, err))
+				}
+				break
+			}
+			if ws.Exited() || ws.Signaled() {
+				break
+			}
+			// A stop reported before the kill took effect: let it die.
+			_ = ptraceRaw(unix.PTRACE_CONT, th.tid, 0, 0)
+		}
+		th.gone, th.reaped = true, true
+	}
 	return errors.Join(errs...)
 }
 
@@ -338,7 +396,7 @@ func (p *Process) detachThread(th *thread) error {
 	if err := ptraceRaw(unix.PTRACE_DETACH, th.tid, 0, 0); err != nil {
 		return goneErr(th, fmt.Errorf("ptrace detach: %w", err))
 	}
-	th.gone = true // no longer ours
+	th.gone, th.detached = true, true
 	return nil
 }
 
@@ -374,42 +432,14 @@ func (p *Process) closeLocked() error {
 // killLocked is Kill on the tracer goroutine.
 func (p *Process) killLocked() error {
 	var errs []error
-	parentIsUs := false
-	if st, err := readStatus(p.pid); err == nil {
-		parentIsUs = st.ppid == os.Getpid()
-	}
 	if err := pidfdSendSignal(p.pidfd, unix.SIGKILL); err != nil && !errors.Is(err, unix.ESRCH) {
 		errs = append(errs, fmt.Errorf("kill %d: %w", p.pid, err))
 	}
-	// Non-leader threads first: the kernel reports the leader's exit only
-	// after every other thread has been released (delay_group_leader).
-	for _, th := range slices.Backward(p.threads) {
-		if th.gone {
-			continue
-		}
-		if th.tid == p.pid && parentIsUs {
-			if err := waitExitedNoReap(th.tid); err != nil && err != unix.ECHILD {
-				errs = append(errs, fmt.Errorf("wait %d: %w", th.tid, err))
-			}
+	for _, th := range p.threads {
+		if !th.detached {
 			th.gone = true
-			continue
 		}
-		for {
-			ws, err := wait4(th.tid, 0)
-			if err != nil {
-				if err != unix.ECHILD {
-					errs = append(errs, fmt.Errorf("wait %d: %w", th.tid, err))
-				}
-				break
-			}
-			if ws.Exited() || ws.Signaled() {
-				break
-			}
-			// A stop reported before SIGKILL took effect: let it die.
-			_ = ptraceRaw(unix.PTRACE_CONT, th.tid, 0, 0)
-		}
-		th.gone = true
 	}
-	errs = append(errs, p.closeLocked())
+	errs = append(errs, p.reapDead(), p.closeLocked())
 	return errors.Join(errs...)
 }

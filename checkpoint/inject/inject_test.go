@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
-	"runtime"
 	"slices"
 	"strconv"
 	"strings"
@@ -146,12 +145,49 @@ func TestSyscallMmapMemory(t *testing.T) {
 	if maps := takeSnapshot(t, tg.pid).maps; mapsCover(maps, uint64(addr), 1, "") {
 		t.Fatalf("maps still have %#x after munmap:\n%s", addr, maps)
 	}
+
+	// The vDSO fallback, and bad instruction addresses (unmapped, not a
+	// syscall, not executable): refused before any fault.
+	insn, err := p.FindSyscallInsn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if maps := takeSnapshot(t, tg.pid).maps; !mapsCoverNamed(maps, insn, 2, "[vdso]") {
+		t.Fatalf("syscall insn %#x not in [vdso]:\n%s", insn, maps)
+	}
+	code := make([]byte, 2)
+	if err := p.ReadMem(insn, code); err != nil || code[0] != 0x0f || code[1] != 0x05 {
+		t.Fatalf("bytes at %#x: %x, %v", insn, code, err)
+	}
+	if got, err := p.Syscall(0, unix.SYS_GETPID); err != nil || int(got) != tg.pid {
+		t.Fatalf("getpid through the vdso: %d, %v", got, err)
+	}
+	scratch, err := p.Scratch()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := p.WriteMem(scratch, []byte{0x0f, 0x05}); err != nil {
+		t.Fatal(err)
+	}
+	for _, bad := range []uint64{0x1000, insn + 1, scratch} {
+		p.SetSyscallInsn(bad)
+		if _, err := p.Syscall(0, unix.SYS_GETPID); !errors.Is(err, ErrNoSyscallInsn) {
+			t.Fatalf("syscall at %#x: %v, want ErrNoSyscallInsn", bad, err)
+		}
+	}
+	p.SetSyscallInsn(insn)
+	if got, err := p.Syscall(0, unix.SYS_GETPID); err != nil || int(got) != tg.pid {
+		t.Fatalf("getpid after a fault: %d, %v", got, err)
+	}
 	if err := p.Detach(); err != nil {
 		t.Fatal(err)
 	}
 	before.unchanged(t, tg.pid)
 	if got := tg.ask(t, "quit"); got != "bye" {
 		t.Fatalf("target said %q", got)
+	}
+	if err := tg.cmd.Wait(); err != nil {
+		t.Fatalf("target exit: %v", err)
 	}
 }
 
@@ -162,7 +198,6 @@ func TestScratch(t *testing.T) {
 	checkFdLeak(t)
 	tg := startTarget(t, "cmd", nil)
 	before := takeSnapshot(t, tg.pid)
-	goroutines := runtime.NumGoroutine()
 	p := seizeT(t, tg.pid, Options{})
 	if _, _, ok := p.ScratchRange(); ok {
 		t.Fatal("scratch reported before it was made")
@@ -217,9 +252,7 @@ func TestScratch(t *testing.T) {
 		t.Fatal(err)
 	}
 	before.unchanged(t, tg.pid)
-	if n := runtime.NumGoroutine(); n != goroutines {
-		t.Errorf("%d goroutines before Seize, %d after Detach: the tracer did not stop", goroutines, n)
-	}
+	waitFor(t, "tracer goroutine to end", func() bool { return !tracerRunning() })
 }
 
 // TestGetFd takes the write end of a pipe out of the target, writes through
@@ -457,7 +490,6 @@ func TestSeizeNonexistent(t *testing.T) {
 	if err := cmd.Run(); err != nil {
 		t.Fatal(err)
 	}
-	g := runtime.NumGoroutine()
 	_, err := Seize(cmd.Process.Pid, Options{})
 	if !errors.Is(err, ErrTraceeGone) || !errors.Is(err, unix.ESRCH) {
 		t.Fatalf("seize of an exited pid: %v, want ErrTraceeGone and ESRCH", err)
@@ -465,9 +497,7 @@ func TestSeizeNonexistent(t *testing.T) {
 	if _, err := Seize(-1, Options{}); err == nil {
 		t.Fatal("seize -1 succeeded")
 	}
-	if n := runtime.NumGoroutine(); n > g {
-		t.Errorf("%d goroutines before, %d after", g, n)
-	}
+	waitFor(t, "tracer goroutine to end", func() bool { return !tracerRunning() })
 	// A thread id is not a process.
 	tg := startTarget(t, "threads", nil)
 	if _, err := Seize(tg.tid, Options{}); err == nil {
@@ -499,16 +529,26 @@ func TestStoppedTarget(t *testing.T) {
 			t.Fatalf("getpid: %d, %v", got, err)
 		}
 	}
+	// Queue a command: if the target ran after Detach, it would answer and
+	// exit instead of settling back into its group stop.
+	if _, err := tg.stdin.Write([]byte("quit\n")); err != nil {
+		t.Fatal(err)
+	}
 	if err := p.Detach(); err != nil {
 		t.Fatal(err)
 	}
-	if s := procState(tg.pid); s != 'T' {
-		t.Fatalf("state after detach %c, want T", s)
+	// Detach re-enters the group stop through a wake-up, so the state is R
+	// for a moment.
+	waitFor(t, "group stop after detach", func() bool { return procState(tg.pid) == 'T' })
+	select {
+	case l := <-tg.lines:
+		t.Fatalf("stopped target answered %q after detach", l)
+	default:
 	}
 	if err := unix.Kill(tg.pid, unix.SIGCONT); err != nil {
 		t.Fatal(err)
 	}
-	if got := tg.ask(t, "quit"); got != "bye" {
+	if got := tg.line(t); got != "bye" {
 		t.Fatalf("target said %q", got)
 	}
 }
@@ -718,4 +758,57 @@ func mapsCover(maps string, addr, size uint64, perms string) bool {
 		}
 	}
 	return false
+}
+
+// mapsCoverNamed is mapsCover for a mapping with the given name.
+func mapsCoverNamed(maps string, addr, size uint64, name string) bool {
+	for _, l := range strings.Split(maps, "\n") {
+		f := strings.Fields(l)
+		if len(f) == 6 && f[5] == name && mapsCover(l, addr, size, "") {
+			return true
+		}
+	}
+	return false
+}
+
+// TestSeizeChurn seizes a process whose threads keep creating threads:
+// every thread that exists once Seize returns is attached and stopped.
+func TestSeizeChurn(t *testing.T) {
+	needTarget(t)
+	checkFdLeak(t)
+	tg := startTarget(t, "churn", nil) // its maps change all the time
+	for i := 0; i < 20; i++ {
+		p := seizeT(t, tg.pid, Options{})
+		tids := p.Threads()
+		all, err := listTasks(tg.pid)
+		if err != nil {
+			t.Fatal(err)
+		}
+		// A thread that was exiting while we seized is skipped; it may
+		// linger in /proc for a moment as a zombie.
+		var tasks []int
+		for _, tid := range all {
+			if !threadExited(tg.pid, tid) {
+				tasks = append(tasks, tid)
+			}
+		}
+		slices.Sort(tids)
+		if !slices.Equal(tids, tasks) {
+			t.Fatalf("round %d: attached %v, /proc has %v", i, tids, tasks)
+		}
+		for _, tid := range tids {
+			if s := procState(tid); s != 't' {
+				t.Errorf("round %d: thread %d state %c, want t", i, tid, s)
+			}
+			if got, err := p.Syscall(tid, unix.SYS_GETTID); err != nil || int(got) != tid {
+				t.Fatalf("round %d: gettid in %d: %d, %v", i, tid, got, err)
+			}
+		}
+		if err := p.Detach(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if got := tg.ask(t, "quit"); got != "bye" {
+		t.Fatalf("target said %q", got)
+	}
 }

@@ -70,33 +70,79 @@ func listTasks(pid int) ([]int, error) {
 	return tids, nil
 }
 
+// threadExited reports whether thread tid of pid is gone or a zombie.
+func threadExited(pid, tid int) bool {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%d/stat", pid, tid))
+	if err != nil {
+		return true
+	}
+	i := bytes.LastIndexByte(b, ')')
+	if i < 0 || i+2 >= len(b) {
+		return false
+	}
+	return b[i+2] == 'Z' || b[i+2] == 'X'
+}
+
 // findMapping returns the range of the first mapping of pid whose name
 // (the last field of /proc/pid/maps) is name, e.g. "[vdso]".
 func findMapping(pid int, name string) (start, end uint64, ok bool, err error) {
-	f, err := os.Open(fmt.Sprintf("/proc/%d/maps", pid))
+	err = scanMaps(pid, func(lo, hi uint64, perms, n string) bool {
+		if n == name {
+			start, end, ok = lo, hi, true
+			return false
+		}
+		return true
+	})
+	return start, end, ok, err
+}
+
+// mappingPerms returns the permissions ("r-xp") of the mapping of pid that
+// holds [addr, addr+size).
+func mappingPerms(pid int, addr, size uint64) (perms string, ok bool, err error) {
+	err = scanMaps(pid, func(lo, hi uint64, pm, _ string) bool {
+		if lo <= addr && addr+size <= hi {
+			perms, ok = pm, true
+			return false
+		}
+		return true
+	})
+	return perms, ok, err
+}
+
+// scanMaps calls f for each line of /proc/pid/maps until f returns false.
+func scanMaps(pid int, f func(lo, hi uint64, perms, name string) bool) error {
+	file, err := os.Open(fmt.Sprintf("/proc/%d/maps", pid))
 	if err != nil {
-		return 0, 0, false, err
+		return err
 	}
-	defer f.Close()
-	sc := bufio.NewScanner(f)
+	defer file.Close()
+	sc := bufio.NewScanner(file)
 	for sc.Scan() {
 		fields := strings.Fields(sc.Text())
-		if len(fields) < 6 || fields[5] != name {
+		if len(fields) < 5 {
 			continue
 		}
-		lo, hi, ok := strings.Cut(fields[0], "-")
+		los, his, ok := strings.Cut(fields[0], "-")
 		if !ok {
-			continue
+			return fmt.Errorf("parse maps line %q: %w", sc.Text(), unix.EINVAL)
 		}
-		if start, err = strconv.ParseUint(lo, 16, 64); err != nil {
-			return 0, 0, false, fmt.Errorf("parse maps line %q: %w", sc.Text(), err)
+		lo, err := strconv.ParseUint(los, 16, 64)
+		if err != nil {
+			return fmt.Errorf("parse maps line %q: %w", sc.Text(), err)
 		}
-		if end, err = strconv.ParseUint(hi, 16, 64); err != nil {
-			return 0, 0, false, fmt.Errorf("parse maps line %q: %w", sc.Text(), err)
+		hi, err := strconv.ParseUint(his, 16, 64)
+		if err != nil {
+			return fmt.Errorf("parse maps line %q: %w", sc.Text(), err)
 		}
-		return start, end, true, nil
+		name := ""
+		if len(fields) >= 6 {
+			name = fields[5]
+		}
+		if !f(lo, hi, fields[1], name) {
+			return nil
+		}
 	}
-	return 0, 0, false, sc.Err()
+	return sc.Err()
 }
 
 // pidfdSendSignal sends sig through the pidfd, so a recycled pid cannot be

@@ -115,8 +115,10 @@ func (p *Process) attachAll() error {
 			}
 			known[tid] = true
 			if err := ptraceRaw(unix.PTRACE_SEIZE, tid, 0, opts); err != nil {
-				if err == unix.ESRCH && tid != p.pid {
-					continue // the thread exited after we listed it
+				if tid != p.pid && (err == unix.ESRCH || (err == unix.EPERM && threadExited(p.pid, tid))) {
+					// The thread exited after we listed it (ptrace_attach
+					// gives EPERM for a task with exit_state set).
+					continue
 				}
 				if err == unix.ESRCH {
 					return fmt.Errorf("seize %d: %w: %w", p.pid, ErrTraceeGone, err)
@@ -157,13 +159,13 @@ func (p *Process) waitInterruptStop(th *thread) error {
 		ws, err := wait4(th.tid, 0)
 		if err != nil {
 			if err == unix.ECHILD {
-				th.gone = true
+				th.gone, th.reaped = true, true
 				return fmt.Errorf("wait thread %d: %w: %w", th.tid, ErrTraceeGone, err)
 			}
 			return fmt.Errorf("wait thread %d: %w", th.tid, err)
 		}
 		if ws.Exited() || ws.Signaled() {
-			th.gone = true
+			th.gone, th.reaped = true, true
 			return fmt.Errorf("thread %d exited (%#x): %w", th.tid, uint32(ws), ErrTraceeGone)
 		}
 		if !ws.Stopped() {
@@ -206,8 +208,9 @@ func (p *Process) abortSeize() error {
 		if err := ptraceRaw(unix.PTRACE_DETACH, th.tid, 0, 0); err != nil && err != unix.ESRCH {
 			errs = append(errs, fmt.Errorf("detach thread %d: %w", th.tid, err))
 		}
-		th.gone = true
+		th.gone, th.detached = true, true
 	}
+	errs = append(errs, p.reapDead())
 	p.closed = true
 	p.released.Store(true)
 	errs = append(errs, p.mem.Close(), p.pidfd.Close())

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"strings"
 
 	"golang.org/x/sys/unix"
 )
@@ -123,10 +124,12 @@ func (p *Process) syscallTid(tid int, nr uintptr, args []uintptr) (uintptr, erro
 }
 
 // SetSyscallInsn sets the address of the `syscall` instruction used for
-// injection (e.g. after the caller moved the vDSO).
+// injection (e.g. after the caller moved the vDSO). It is checked before its
+// first use: injection fails with ErrNoSyscallInsn unless the address holds
+// 0f 05 in an executable mapping. It must stay mapped while it is used.
 func (p *Process) SetSyscallInsn(addr uint64) {
 	_ = p.do(func() error {
-		p.insn = addr
+		p.insn, p.insnChecked = addr, false
 		return nil
 	})
 }
@@ -139,7 +142,7 @@ func (p *Process) FindSyscallInsn() (uint64, error) {
 		var err error
 		addr, err = p.findVdsoInsn()
 		if err == nil {
-			p.insn = addr
+			p.insn, p.insnChecked = addr, true
 		}
 		return err
 	})
@@ -288,13 +291,13 @@ func (p *Process) step(th *thread, r *unix.PtraceRegs, onEvent func(ev int) erro
 		ws, err := wait4(th.tid, 0)
 		if err != nil {
 			if err == unix.ECHILD {
-				th.gone = true
+				th.gone, th.reaped = true, true
 				return 0, fmt.Errorf("wait: %w: %w", ErrTraceeGone, err)
 			}
 			return 0, fmt.Errorf("wait: %w", err)
 		}
 		if ws.Exited() || ws.Signaled() {
-			th.gone = true
+			th.gone, th.reaped = true, true
 			return 0, fmt.Errorf("thread exited (%#x): %w", uint32(ws), ErrTraceeGone)
 		}
 		if !ws.Stopped() {
@@ -387,11 +390,20 @@ func (p *Process) blockSignals(th *thread) error {
 	return nil
 }
 
-// syscallInsn returns the cached address of a `syscall` instruction, or
-// finds one: at rip-2 of a thread (a thread stopped in a syscall), else in
-// the [vdso].
+// syscallInsn returns the address of a `syscall` instruction: the one set
+// by SetSyscallInsn or found before, else one at rip-2 of a thread (a thread
+// stopped in a syscall), else one in the [vdso]. An address is checked once,
+// before its first use: a fault on the instruction fetch would force a
+// SIGSEGV on the tracee, which resets a blocked signal's handler
+// (kernel/signal.c:force_sig_info_to_task).
 func (p *Process) syscallInsn() (uint64, error) {
 	if p.insn != 0 {
+		if !p.insnChecked {
+			if err := p.checkInsn(p.insn); err != nil {
+				return 0, err
+			}
+			p.insnChecked = true
+		}
 		return p.insn, nil
 	}
 	var b [2]byte
@@ -402,7 +414,7 @@ func (p *Process) syscallInsn() (uint64, error) {
 			continue
 		}
 		if err := p.ReadMem(rip-2, b[:]); err == nil && b == [2]byte{0x0f, 0x05} {
-			p.insn = rip - 2
+			p.insn, p.insnChecked = rip-2, true
 			return p.insn, nil
 		}
 	}
@@ -410,8 +422,27 @@ func (p *Process) syscallInsn() (uint64, error) {
 	if err != nil {
 		return 0, err
 	}
-	p.insn = addr
+	p.insn, p.insnChecked = addr, true
 	return addr, nil
+}
+
+// checkInsn verifies that addr holds 0f 05 in an executable mapping.
+func (p *Process) checkInsn(addr uint64) error {
+	var b [2]byte
+	if err := p.ReadMem(addr, b[:]); err != nil {
+		return fmt.Errorf("syscall instruction at %#x: %w: %w", addr, ErrNoSyscallInsn, err)
+	}
+	if b != [2]byte{0x0f, 0x05} {
+		return fmt.Errorf("syscall instruction at %#x: bytes %x: %w", addr, b, ErrNoSyscallInsn)
+	}
+	perms, ok, err := mappingPerms(p.pid, addr, 2)
+	if err != nil {
+		return fmt.Errorf("syscall instruction at %#x: %w", addr, err)
+	}
+	if !ok || !strings.Contains(perms, "x") {
+		return fmt.Errorf("syscall instruction at %#x: not in an executable mapping (%q): %w", addr, perms, ErrNoSyscallInsn)
+	}
+	return nil
 }
 
 // findVdsoInsn finds a `syscall` instruction (0f 05) in the [vdso]. Only

@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -83,12 +84,19 @@ func Start(t testing.TB, argv []string, extra func(*exec.Cmd)) *Proc {
 	if extra != nil {
 		extra(cmd)
 	}
-	// Pdeathsig fires when the forking OS thread exits. Go ends a thread
-	// only when a goroutine locked to it returns, and the caller may be
-	// such a goroutine (ptrace tests lock their threads); a fresh goroutine
-	// never is, so fork from one.
+	// Pdeathsig fires when the forking OS thread exits, and Go ends a
+	// thread when a goroutine locked to it returns (the injector's tracers
+	// do). An idle thread can be picked up and locked by such a goroutine
+	// later, so fork from a goroutine that keeps its thread locked until
+	// the test ends (cleanups run last-in first-out: after p.kill).
 	started := make(chan error, 1)
-	go func() { started <- cmd.Start() }()
+	release := make(chan struct{})
+	go func() {
+		runtime.LockOSThread()
+		started <- cmd.Start()
+		<-release
+	}()
+	t.Cleanup(func() { close(release) })
 	err = <-started
 	pw.Close()
 	errFile.Close()

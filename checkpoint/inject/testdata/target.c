@@ -7,6 +7,8 @@
 //            thread blocked in read(0). "check" waits until every spinner
 //            advanced, then prints "running"; a failed nanosleep prints
 //            "nanosleep-failed" and exits 3.
+//   churn    cmd, plus 2 threads that keep creating and joining short-lived
+//            threads (the thread set changes while it is being seized).
 //   seccomp  cmd behind a seccomp filter: userfaultfd and socketpair -> EPERM.
 //   sigign   cmd with SIGTRAP ignored.
 //   init     pid 1 of a pid namespace: reaps children, printing
@@ -86,6 +88,20 @@ static void *reader(void *arg) {
 
 static void onchld(int s) { (void)s; }
 
+static void *shortlived(void *arg) {
+	volatile int x = 0;
+	for (int i = 0; i < 1000; i++) x += i;
+	return arg;
+}
+
+static void *spawner(void *arg) {
+	for (;;) {
+		pthread_t t;
+		if (pthread_create(&t, NULL, shortlived, arg) == 0) pthread_join(t, NULL);
+	}
+	return NULL;
+}
+
 int main(int argc, char **argv) {
 	setvbuf(stdout, NULL, _IONBF, 0);
 	const char *mode = argc > 1 ? argv[1] : "cmd";
@@ -97,6 +113,11 @@ int main(int argc, char **argv) {
 			struct timespec ts = {0, 20 * 1000 * 1000};
 			if (clock_nanosleep(CLOCK_MONOTONIC, 0, &ts, NULL) != 0) { printf("nanosleep-failed\n"); exit(3); }
 		}
+	}
+	if (!strcmp(mode, "churn")) {
+		pthread_t t;
+		pthread_create(&t, NULL, spawner, NULL);
+		pthread_create(&t, NULL, spawner, NULL);
 	}
 	if (!strcmp(mode, "seccomp")) {
 		struct sock_filter f[] = {
