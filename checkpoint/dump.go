@@ -44,6 +44,8 @@ type Options struct {
 type Result struct {
 	Image  *image.Image
 	Freeze time.Duration
+	// Phases are the durations of the freeze's steps, in order.
+	Phases []Phase
 	// Snapshot keeps the COW window of a live or full dump; nil for stop.
 	// A full dump's Snapshot is already drained and released.
 	Snapshot *Snapshot
@@ -75,7 +77,14 @@ func Dump(ctx context.Context, pid int, o Options) (*Result, error) {
 	defer pages.Close()
 
 	d := &dumper{pid: pid, o: o, pages: pages}
+	// Read before the freeze: see frozenMaps.
+	d.preMaps, _ = procfs.Maps(pid)
+	if o.Mode != image.ModeStop {
+		d.preparePipes()
+		defer d.closePool()
+	}
 	start := time.Now()
+	d.lastMark = start
 	tr, err := inject.Seize(pid, inject.Options{SuspendSeccomp: true})
 	if err != nil {
 		if errors.Is(err, unix.ESRCH) || errors.Is(err, inject.ErrTraceeGone) {
@@ -87,14 +96,10 @@ func Dump(ctx context.Context, pid int, o Options) (*Result, error) {
 		return nil, fmt.Errorf("seize pid %d: %w", pid, err)
 	}
 	d.tr = tr
+	d.mark("seize")
 	snap, err := d.frozen()
-	if snap != nil && err == nil {
-		// The fault loop must run before the threads do: they may fault
-		// on protected pages right away (the kernel's rseq update on
-		// the way out of the stop, the injector's last munmap).
-		snap.start()
-	}
 	detachErr := tr.Detach()
+	d.mark("detach")
 	freeze := time.Since(start)
 	if err != nil || detachErr != nil {
 		if snap != nil {
@@ -103,8 +108,11 @@ func Dump(ctx context.Context, pid int, o Options) (*Result, error) {
 		return nil, errors.Join(err, detachErr)
 	}
 	d.img.Stats.FreezeNs = freeze.Nanoseconds()
-	res := &Result{Image: d.img, Freeze: freeze}
+	res := &Result{Image: d.img, Freeze: freeze, Phases: d.phases}
 	if snap != nil {
+		if o.Mode == image.ModeLive {
+			snap.startDrain()
+		}
 		if o.Mode == image.ModeFull {
 			if err := snap.drainAll(ctx); err != nil {
 				snap.Release()
@@ -124,6 +132,12 @@ func Dump(ctx context.Context, pid int, o Options) (*Result, error) {
 	return res, nil
 }
 
+// Phase is one timed step of a dump.
+type Phase struct {
+	Name string
+	D    time.Duration
+}
+
 // dumper holds one dump in progress. It is used by one goroutine.
 type dumper struct {
 	pid   int
@@ -133,6 +147,19 @@ type dumper struct {
 	pages *os.File
 	// pagesOff is the next free offset in pages.img.
 	pagesOff uint64
+	phases   []Phase
+	lastMark time.Time
+	// preMaps are the mappings with VmFlags read before the freeze.
+	preMaps []procfs.Mapping
+	// pool holds pin pipes made before the freeze, sized from preMaps.
+	pool []pipePair
+}
+
+// mark ends the current phase.
+func (d *dumper) mark(name string) {
+	now := time.Now()
+	d.phases = append(d.phases, Phase{name, now.Sub(d.lastMark)})
+	d.lastMark = now
 }
 
 // frozen runs while every thread is stopped: it records the state and
@@ -201,18 +228,22 @@ func (d *dumper) process() (*image.Process, error) {
 	for i, r := range rl {
 		p.Rlimits = append(p.Rlimits, image.Rlimit{Resource: i, Cur: r.Cur, Max: r.Max})
 	}
+	d.mark("proc")
 	if err := d.mm(p, stat); err != nil {
 		return nil, err
 	}
 	if err := d.threads(p); err != nil {
 		return nil, err
 	}
+	d.mark("threads")
 	if err := d.sigactions(p, st); err != nil {
 		return nil, err
 	}
+	d.mark("sigactions")
 	if err := d.fds(p); err != nil {
 		return nil, err
 	}
+	d.mark("fds")
 	return p, nil
 }
 

@@ -19,7 +19,10 @@ import (
 // step runs injected syscalls in the child; nothing of the stub's own code
 // runs again.
 type morph struct {
-	tr      *inject.Process
+	tr *inject.Process
+	// x runs injected syscalls and memory accesses: tr, or the open
+	// Batch inside batch().
+	x       injector
 	p       *image.Process
 	img     *image.Image
 	pages   *os.File
@@ -31,6 +34,26 @@ type morph struct {
 	strOff uint64
 	// hostTids maps image thread index to host tid.
 	hostTids []int
+}
+
+// injector is what inject.Process and inject.Batch both offer.
+type injector interface {
+	Syscall(tid int, nr uintptr, args ...uintptr) (uintptr, error)
+	ReadMem(addr uint64, buf []byte) error
+	WriteMem(addr uint64, buf []byte) error
+}
+
+// batch runs f with every injection in one hand-off to the tracer thread
+// (an injected syscall costs less than the hand-off). f must not call
+// m.tr's other methods.
+func (m *morph) batch(f func(context.Context) error) func(context.Context) error {
+	return func(ctx context.Context) error {
+		return m.tr.Batch(func(b *inject.Batch) error {
+			m.x = b
+			defer func() { m.x = m.tr }()
+			return f(ctx)
+		})
+	}
 }
 
 // Scratch layout: [0, 64 KiB) structs and iovecs, [64 KiB, 1 MiB) strings.
@@ -46,14 +69,14 @@ func (m *morph) run(ctx context.Context) error {
 		f    func(context.Context) error
 	}{
 		{"prepare address space", m.prepareSpace},
-		{"map memory", m.mapMemory},
+		{"map memory", m.batch(m.mapMemory)},
 		{"register lazy memory", m.lazyMemory},
-		{"restore mm fields", m.mmFields},
-		{"restore fds", m.fds},
+		{"restore mm fields", m.batch(m.mmFields)},
+		{"restore fds", m.batch(m.fds)},
 		{"restore threads", m.threads},
-		{"restore signal handlers", m.sigactions},
-		{"restore process attributes", m.attrs},
-		{"restore credentials", m.creds},
+		{"restore signal handlers", m.batch(m.sigactions)},
+		{"restore process attributes", m.batch(m.attrs)},
+		{"restore credentials", m.batch(m.creds)},
 	}
 	for _, s := range steps {
 		if err := s.f(ctx); err != nil {
@@ -67,7 +90,7 @@ func (m *morph) sys(tid int, nr uintptr, args ...uintptr) (uintptr, error) {
 	if tid == 0 {
 		tid = m.tr.Pid()
 	}
-	return m.tr.Syscall(tid, nr, args...)
+	return m.x.Syscall(tid, nr, args...)
 }
 
 // str writes s NUL-terminated into the scratch string area.
@@ -76,7 +99,7 @@ func (m *morph) str(s string) (uintptr, error) {
 		m.strOff = scratchStrings
 	}
 	a := m.scratch + m.strOff
-	if err := m.tr.WriteMem(a, append([]byte(s), 0)); err != nil {
+	if err := m.x.WriteMem(a, append([]byte(s), 0)); err != nil {
 		return 0, err
 	}
 	m.strOff += uint64(len(s)+1+7) &^ 7
@@ -289,7 +312,7 @@ func (m *morph) writeRuns(v image.Vma) error {
 			if _, err := m.pages.ReadAt(buf[:n], int64(r.Off+done)); err != nil {
 				return fmt.Errorf("read pages file at %d: %w", r.Off+done, err)
 			}
-			if err := m.tr.WriteMem(r.Addr+done, buf[:n]); err != nil {
+			if err := m.x.WriteMem(r.Addr+done, buf[:n]); err != nil {
 				return fmt.Errorf("write %#x+%#x: %w", r.Addr+done, n, err)
 			}
 			done += n
@@ -398,7 +421,7 @@ func (m *morph) mmFields(ctx context.Context) error {
 	for _, w := range m.p.MM.Auxv {
 		auxv = binary.LittleEndian.AppendUint64(auxv, w)
 	}
-	if err := m.tr.WriteMem(auxvAddr, auxv); err != nil {
+	if err := m.x.WriteMem(auxvAddr, auxv); err != nil {
 		return err
 	}
 	mm := m.p.MM
@@ -409,7 +432,7 @@ func (m *morph) mmFields(ctx context.Context) error {
 	}
 	b = binary.LittleEndian.AppendUint32(b, uint32(len(auxv)))
 	b = binary.LittleEndian.AppendUint32(b, uint32(exeFd))
-	if err := m.tr.WriteMem(m.scratch, b); err != nil {
+	if err := m.x.WriteMem(m.scratch, b); err != nil {
 		return err
 	}
 	const prSetMM, prSetMMMap = 35, 14

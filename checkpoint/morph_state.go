@@ -86,7 +86,7 @@ func (m *morph) openFd(f image.Fd, pipes map[uint64][2]int) (int, bool, error) {
 				return 0, false, fmt.Errorf("pipe2: %w", err)
 			}
 			var b [8]byte
-			if err := m.tr.ReadMem(m.scratch, b[:]); err != nil {
+			if err := m.x.ReadMem(m.scratch, b[:]); err != nil {
 				return 0, false, err
 			}
 			p = [2]int{int(le32(b[0:])), int(le32(b[4:]))}
@@ -148,7 +148,7 @@ func (m *morph) socket(f image.Fd) (int, bool, error) {
 	setInt := func(level, opt, v int) error {
 		var b [4]byte
 		binary.LittleEndian.PutUint32(b[:], uint32(v))
-		if err := m.tr.WriteMem(m.scratch, b[:]); err != nil {
+		if err := m.x.WriteMem(m.scratch, b[:]); err != nil {
 			return err
 		}
 		_, err := m.sys(0, unix.SYS_SETSOCKOPT, fd, uintptr(level), uintptr(opt), uintptr(m.scratch), 4)
@@ -180,7 +180,7 @@ func (m *morph) socket(f image.Fd) (int, bool, error) {
 	}
 	bind := len(s.Addr) > 0 && (!s.Connected || s.Type == unix.SOCK_DGRAM)
 	if bind {
-		if err := m.tr.WriteMem(m.scratch, s.Addr); err != nil {
+		if err := m.x.WriteMem(m.scratch, s.Addr); err != nil {
 			return fail(err)
 		}
 		if _, err := m.sys(0, unix.SYS_BIND, fd, uintptr(m.scratch), uintptr(len(s.Addr))); err != nil {
@@ -206,15 +206,28 @@ func (m *morph) threads(ctx context.Context) error {
 		ts := m.tr.Threads()
 		m.hostTids = append(m.hostTids, ts[len(ts)-1])
 	}
+	err := m.batch(func(context.Context) error {
+		for i, t := range m.p.Threads {
+			if err := m.threadSyscalls(m.hostTids[i], t); err != nil {
+				return fmt.Errorf("thread %d: %w", t.Tid, err)
+			}
+		}
+		return nil
+	})(ctx)
+	if err != nil {
+		return err
+	}
 	for i, t := range m.p.Threads {
-		if err := m.thread(m.hostTids[i], t); err != nil {
+		if err := m.threadRegs(m.hostTids[i], t); err != nil {
 			return fmt.Errorf("thread %d: %w", t.Tid, err)
 		}
 	}
 	return nil
 }
 
-func (m *morph) thread(h int, t image.Thread) error {
+// threadSyscalls restores the per-thread state set by syscalls in the
+// thread itself.
+func (m *morph) threadSyscalls(h int, t image.Thread) error {
 	if t.RseqAddr != 0 {
 		if _, err := m.sys(h, unix.SYS_RSEQ, uintptr(t.RseqAddr), uintptr(t.RseqLen), 0, uintptr(t.RseqSig)); err != nil {
 			return fmt.Errorf("register rseq at %#x: %w", t.RseqAddr, err)
@@ -226,7 +239,7 @@ func (m *morph) thread(h int, t image.Thread) error {
 		binary.LittleEndian.PutUint64(b[0:], t.AltStackSP)
 		binary.LittleEndian.PutUint32(b[8:], 0)
 		binary.LittleEndian.PutUint64(b[16:], t.AltStackSz)
-		if err := m.tr.WriteMem(m.scratch, b[:]); err != nil {
+		if err := m.x.WriteMem(m.scratch, b[:]); err != nil {
 			return err
 		}
 		if _, err := m.sys(h, unix.SYS_SIGALTSTACK, uintptr(m.scratch), 0); err != nil {
@@ -236,6 +249,11 @@ func (m *morph) thread(h int, t image.Thread) error {
 	if _, err := m.sys(h, unix.SYS_SET_TID_ADDRESS, uintptr(t.TidAddress)); err != nil {
 		return fmt.Errorf("set_tid_address: %w", err)
 	}
+	return nil
+}
+
+// threadRegs restores the state set through ptrace.
+func (m *morph) threadRegs(h int, t image.Thread) error {
 	if err := m.tr.SetSigMask(h, t.SigMask); err != nil {
 		return fmt.Errorf("sigmask: %w", err)
 	}
@@ -257,7 +275,7 @@ func (m *morph) sigactions(ctx context.Context) error {
 		binary.LittleEndian.PutUint64(b[8:], s.Flags)
 		binary.LittleEndian.PutUint64(b[16:], s.Restorer)
 		binary.LittleEndian.PutUint64(b[24:], s.Mask)
-		if err := m.tr.WriteMem(m.scratch, b[:]); err != nil {
+		if err := m.x.WriteMem(m.scratch, b[:]); err != nil {
 			return err
 		}
 		if _, err := m.sys(0, unix.SYS_RT_SIGACTION, uintptr(s.Signo), uintptr(m.scratch), 0, 8); err != nil {
@@ -323,7 +341,7 @@ func (m *morph) creds(ctx context.Context) error {
 			groups = binary.LittleEndian.AppendUint32(groups, g)
 		}
 		if len(groups) > 0 {
-			if err := m.tr.WriteMem(m.scratch, groups); err != nil {
+			if err := m.x.WriteMem(m.scratch, groups); err != nil {
 				return err
 			}
 		}
@@ -376,7 +394,7 @@ func (m *morph) creds(ctx context.Context) error {
 		binary.LittleEndian.PutUint32(b[20:], uint32(c.CapEff>>32))
 		binary.LittleEndian.PutUint32(b[24:], uint32(c.CapPrm>>32))
 		binary.LittleEndian.PutUint32(b[28:], uint32(c.CapInh>>32))
-		if err := m.tr.WriteMem(m.scratch, b[:]); err != nil {
+		if err := m.x.WriteMem(m.scratch, b[:]); err != nil {
 			return err
 		}
 		if _, err := m.sys(h, unix.SYS_CAPSET, uintptr(m.scratch), uintptr(m.scratch+8)); err != nil {

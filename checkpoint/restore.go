@@ -164,7 +164,7 @@ func (r *Restored) build(ctx context.Context, o RestoreOptions, p *image.Process
 		}
 	}
 	r.Pid = child.Pid()
-	m := &morph{tr: child, p: p, img: r.Image, pages: pages, o: o, r: r, hole: hole}
+	m := &morph{tr: child, x: child, p: p, img: r.Image, pages: pages, o: o, r: r, hole: hole}
 	err = m.run(ctx) // starts the pager once lazy memory is registered
 	if derr := child.Detach(); derr != nil && err == nil {
 		err = fmt.Errorf("detach clone: %w", derr)

@@ -14,6 +14,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/cowmig/cowmig/checkpoint/image"
+	"github.com/cowmig/cowmig/checkpoint/inject"
 	"github.com/cowmig/cowmig/uffd"
 )
 
@@ -68,6 +69,8 @@ type pinPipe struct {
 	// of pages.img (full); n its bytes.
 	base, n  uint64
 	segs     []int // indices in Snapshot.segs
+	w        *os.File // write end until it is installed in the target
+	filled   atomic.Bool // vmsplice done
 	drained  atomic.Bool
 	released bool // guarded by mu
 }
@@ -120,12 +123,6 @@ func (d *dumper) pin(p *image.Process, runs []pinRun, vmas []image.Vma) (*Snapsh
 	}
 	d.img.Stats.PagesTotal += s.pagesLazy
 
-	// Pin first: every syscall injected after write-protection could
-	// fault on protected memory (the kernel writes the rseq area on the
-	// way back to user space) with no loop running yet to serve it.
-	if err := d.vmspliceAll(s, int(psz)); err != nil {
-		return nil, err
-	}
 	// The uffd must be created inside the target: it acts on the mm of
 	// its creator (DESIGN §3).
 	f, err := d.tr.NewUffd(unix.O_CLOEXEC | unix.O_NONBLOCK)
@@ -140,17 +137,23 @@ func (d *dumper) pin(p *image.Process, runs []pinRun, vmas []image.Vma) (*Snapsh
 	if _, err := s.u.API(sourceFeatures); err != nil {
 		return nil, fmt.Errorf("uffd api: %w", err)
 	}
-	// From here on only the monitor acts: ioctls on the uffd.
-	for _, v := range vmas {
-		if _, err := s.u.Register(v.Start, v.Len(), uffd.ModeWP); err != nil {
-			return nil, fmt.Errorf("register uffd-wp %#x+%#x: %w", v.Start, v.Len(), err)
-		}
+	d.mark("uffd")
+	// Write-protect (ioctls from this process) and pin (vmsplice run by
+	// the target) in parallel, on both cores. The loop must run first:
+	// the target's return from each injected syscall may fault (see
+	// Fault). Pin and protect can come in either order: until the thaw
+	// nothing but the kernel's rseq update writes the target's memory.
+	if err := s.startLoop(); err != nil {
+		return nil, err
 	}
-	for _, v := range vmas {
-		if err := s.u.WriteProtect(v.Start, v.Len(), true, false); err != nil {
-			return nil, fmt.Errorf("write-protect %#x+%#x: %w", v.Start, v.Len(), err)
-		}
+	wpErr := make(chan error, 1)
+	go func() { wpErr <- s.protect(vmas) }()
+	err = d.vmspliceAll(s, int(psz))
+	err = errors.Join(err, <-wpErr)
+	if err != nil {
+		return nil, err
 	}
+	d.mark("writeprotect")
 	if d.o.Mode == image.ModeLive {
 		total := uint64(0)
 		if n := len(s.pipes); n > 0 {
@@ -163,6 +166,19 @@ func (d *dumper) pin(p *image.Process, runs []pinRun, vmas []image.Vma) (*Snapsh
 	}
 	ok = true
 	return s, nil
+}
+
+// protect registers vmas for write-protect faults and protects them.
+func (s *Snapshot) protect(vmas []image.Vma) error {
+	for _, v := range vmas {
+		if _, err := s.u.Register(v.Start, v.Len(), uffd.ModeWP); err != nil {
+			return fmt.Errorf("register uffd-wp %#x+%#x: %w", v.Start, v.Len(), err)
+		}
+		if err := s.u.WriteProtect(v.Start, v.Len(), true, false); err != nil {
+			return fmt.Errorf("write-protect %#x+%#x: %w", v.Start, v.Len(), err)
+		}
+	}
+	return nil
 }
 
 // vmspliceAll fills every pipe with its pages, by vmsplice(2) run inside
@@ -184,46 +200,42 @@ func (d *dumper) vmspliceAll(s *Snapshot, psz int) error {
 			}
 		}
 		for _, pp := range s.pipes[first:last] {
-			var fds [2]int
-			if err := unix.Pipe2(fds[:], unix.O_CLOEXEC); err != nil {
+			if err := d.pipeFor(pp, psz); err != nil {
 				closeWs()
-				return fmt.Errorf("create pin pipe: %w", err)
+				return err
 			}
-			pp.r = os.NewFile(uintptr(fds[0]), "pin")
-			w := os.NewFile(uintptr(fds[1]), "pin-w")
-			ws = append(ws, w)
-			if _, err := unix.FcntlInt(uintptr(fds[1]), unix.F_SETPIPE_SZ, psz); err != nil {
-				closeWs()
-				return fmt.Errorf("size pin pipe to %d bytes: %w", psz, err)
-			}
+			ws = append(ws, pp.w)
+			pp.w = nil
 		}
 		tfds, err := d.tr.InstallFds(ws)
 		closeWs()
 		if err != nil {
 			return fmt.Errorf("install pin pipes in target: %w", err)
 		}
-		var spliceErr error
-		for i, pp := range s.pipes[first:last] {
-			iov := make([]byte, 0, 16*len(pp.segs))
-			for _, si := range pp.segs {
-				sg := s.segs[si]
-				iov = binary.LittleEndian.AppendUint64(iov, sg.addr)
-				iov = binary.LittleEndian.AppendUint64(iov, sg.end-sg.addr)
+		// One hand-off to the tracer thread for the whole batch: an
+		// injected syscall costs less than the hand-off itself.
+		spliceErr := d.tr.Batch(func(b *inject.Batch) error {
+			for i, pp := range s.pipes[first:last] {
+				iov := make([]byte, 0, 16*len(pp.segs))
+				for _, si := range pp.segs {
+					sg := s.segs[si]
+					iov = binary.LittleEndian.AppendUint64(iov, sg.addr)
+					iov = binary.LittleEndian.AppendUint64(iov, sg.end-sg.addr)
+				}
+				if err := b.WriteMem(scratch, iov); err != nil {
+					return fmt.Errorf("write iovecs: %w", err)
+				}
+				n, err := b.Syscall(0, unix.SYS_VMSPLICE, uintptr(tfds[i]), uintptr(scratch), uintptr(len(pp.segs)), unix.SPLICE_F_NONBLOCK)
+				if err != nil {
+					return fmt.Errorf("vmsplice %d bytes: %w", pp.n, err)
+				}
+				if uint64(n) != pp.n {
+					return fmt.Errorf("vmsplice pinned %d of %d bytes", n, pp.n)
+				}
+				pp.filled.Store(true)
 			}
-			if err := d.tr.WriteMem(scratch, iov); err != nil {
-				spliceErr = fmt.Errorf("write iovecs: %w", err)
-				break
-			}
-			n, err := d.tr.Syscall(0, unix.SYS_VMSPLICE, uintptr(tfds[i]), uintptr(scratch), uintptr(len(pp.segs)), unix.SPLICE_F_NONBLOCK)
-			if err != nil {
-				spliceErr = fmt.Errorf("vmsplice %d bytes: %w", pp.n, err)
-				break
-			}
-			if uint64(n) != pp.n {
-				spliceErr = fmt.Errorf("vmsplice pinned %d of %d bytes", n, pp.n)
-				break
-			}
-		}
+			return nil
+		})
 		if err := d.closeInTarget(tfds); err != nil {
 			return errors.Join(spliceErr, err)
 		}
@@ -253,21 +265,15 @@ func (d *dumper) closeInTarget(fds []int) error {
 	return errors.Join(errs...)
 }
 
-// start opens the COW window: the fault loop and the background drain.
-// Called right after the target is thawed.
-func (s *Snapshot) start() {
+// startLoop starts the fault loop. It runs from before write protection
+// is applied until Release.
+func (s *Snapshot) startLoop() error {
 	loop, err := uffd.NewLoop(s)
 	if err == nil {
 		err = loop.Add(s.u)
 	}
 	if err != nil {
-		// Without a loop, faulting writers would block forever: drop
-		// the protection instead and serve from the pipes.
-		s.setErr(fmt.Errorf("start fault loop: %w", err))
-		s.u.Close()
-		s.u = nil
-		close(s.windowEnd)
-		return
+		return fmt.Errorf("start fault loop: %w", err)
 	}
 	s.loop = loop
 	s.wg.Add(1)
@@ -277,9 +283,12 @@ func (s *Snapshot) start() {
 			s.setErr(fmt.Errorf("fault loop: %w", err))
 		}
 	}()
-	if s.pages != nil {
-		return // full mode: drainAll is called by Dump
-	}
+	return nil
+}
+
+// startDrain starts the background drain of a live snapshot (the COW
+// window); called once the target runs again.
+func (s *Snapshot) startDrain() {
 	s.wg.Add(1)
 	go func() {
 		defer s.wg.Done()
@@ -383,6 +392,15 @@ func (s *Snapshot) unprotect(pp *pinPipe) {
 func (s *Snapshot) Fault(u *uffd.FD, m uffd.Msg) error {
 	addr := m.Address &^ (image.PageSize - 1)
 	if i := s.findSeg(addr); i >= 0 {
+		if !s.pipes[s.segs[i].pipe].filled.Load() {
+			// Still frozen (every pipe is filled before the thaw): only
+			// the kernel writes now, updating a thread's rseq area on
+			// the way back from an injected syscall. Those fields are
+			// the kernel's own and are rewritten after the restore, so
+			// the write may land in the page the pipe pins.
+			u.WriteProtect(addr, image.PageSize, false, false)
+			return nil
+		}
 		s.drain(s.segs[i].pipe)
 	}
 	// Not pinned (zero at the snapshot instant), or drained meanwhile:

@@ -71,16 +71,17 @@ func (c *checkpointFlags) options() live.CheckpointOptions {
 
 // checkpointStats is the --json output.
 type checkpointStats struct {
-	Mode       string  `json:"mode"`
-	Image      string  `json:"image"`
-	Pid        int     `json:"pid"`
-	FreezeMs   float64 `json:"freeze_ms"`
-	PagesTotal uint64  `json:"pages_total"`
-	PagesEager uint64  `json:"pages_eager"`
-	PagesLazy  uint64  `json:"pages_lazy"`
-	Endpoint   string  `json:"endpoint,omitempty"`
-	ServerPid  int     `json:"server_pid,omitempty"`
-	Error      string  `json:"error,omitempty"`
+	Mode       string             `json:"mode"`
+	Image      string             `json:"image"`
+	Pid        int                `json:"pid"`
+	FreezeMs   float64            `json:"freeze_ms"`
+	PagesTotal uint64             `json:"pages_total"`
+	PagesEager uint64             `json:"pages_eager"`
+	PagesLazy  uint64             `json:"pages_lazy"`
+	Endpoint   string             `json:"endpoint,omitempty"`
+	ServerPid  int                `json:"server_pid,omitempty"`
+	PhasesMs   map[string]float64 `json:"phases_ms,omitempty"`
+	Error      string             `json:"error,omitempty"`
 }
 
 func runCheckpoint(args []string) error {
@@ -89,6 +90,9 @@ func runCheckpoint(args []string) error {
 		return err
 	}
 	var st checkpointStats
+	if err := os.MkdirAll(c.dir, 0o700); err != nil {
+		return fmt.Errorf("create image dir: %w", err)
+	}
 	if c.mode == string(image.ModeLive) {
 		// The snapshot's uffd and pins must live in the process that
 		// serves them: run the whole checkpoint in a daemon.
@@ -110,12 +114,16 @@ func runCheckpoint(args []string) error {
 
 func stats(c *checkpointFlags, src *live.Source) checkpointStats {
 	img := src.Result.Image
-	return checkpointStats{
+	st := checkpointStats{
 		Mode: string(img.Mode), Image: c.dir, Pid: c.pid,
 		FreezeMs:   float64(src.Result.Freeze.Microseconds()) / 1000,
 		PagesTotal: img.Stats.PagesTotal, PagesEager: img.Stats.PagesEager, PagesLazy: img.Stats.PagesLazy,
-		Endpoint: img.Endpoint,
+		Endpoint: img.Endpoint, PhasesMs: map[string]float64{},
 	}
+	for _, p := range src.Result.Phases {
+		st.PhasesMs[p.Name] += float64(p.D.Microseconds()) / 1000
+	}
+	return st
 }
 
 // checkpointDaemon runs a live checkpoint and then serves it.

@@ -8,6 +8,8 @@ import (
 	"os"
 	"os/exec"
 	"syscall"
+
+	"golang.org/x/sys/unix"
 )
 
 // resultFd is the daemon's end of the pipe its starter reads the result
@@ -62,6 +64,14 @@ func runDaemon(cmd string, args []string, logPath string, stdio []*os.File, out 
 	}
 	c.Process.Release()
 	return json.Unmarshal(b, out)
+}
+
+// daemonInit keeps the result pipe and the log out of the processes the
+// daemon starts (the restore stub and with it the clone): an inherited
+// copy of the pipe would keep the starter waiting for EOF.
+func daemonInit() {
+	unix.CloseOnExec(resultFd)
+	unix.CloseOnExec(4)
 }
 
 // daemonLog is the daemon's log file (fd 4), for messages after report.

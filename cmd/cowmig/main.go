@@ -27,8 +27,10 @@ func main() {
 	case "release":
 		err = runRelease(os.Args[2:])
 	case daemonCheckpoint:
+		daemonInit()
 		err = checkpointDaemon(os.Args[2:])
 	case daemonRestore:
+		daemonInit()
 		err = restoreDaemon(os.Args[2:])
 	case "-h", "--help", "help":
 		usage()
