@@ -68,8 +68,8 @@ type pinPipe struct {
 	// base is the pipe's offset in the store (live) or in the drained part
 	// of pages.img (full); n its bytes.
 	base, n  uint64
-	segs     []int // indices in Snapshot.segs
-	w        *os.File // write end until it is installed in the target
+	segs     []int       // indices in Snapshot.segs
+	w        *os.File    // write end until it is installed in the target
 	filled   atomic.Bool // vmsplice done
 	drained  atomic.Bool
 	released bool // guarded by mu
