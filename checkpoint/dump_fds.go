@@ -33,6 +33,10 @@ func (d *dumper) fds(p *image.Process) error {
 			}
 			fd.Kind, fd.Path = image.FdFile, f.Target
 		case procfs.FdFIFO:
+			if f.Num <= 2 {
+				fd.Kind = image.FdStdio // like an anonymous pipe on stdio
+				break
+			}
 			fd.Kind, fd.Path = image.FdFIFO, f.Target
 		case procfs.FdPipe:
 			if f.Num <= 2 {

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -79,9 +80,11 @@ func (m *morph) run(ctx context.Context) error {
 		{"restore credentials", m.batch(m.creds)},
 	}
 	for _, s := range steps {
+		t := time.Now()
 		if err := s.f(ctx); err != nil {
 			return fmt.Errorf("%s: %w", s.name, err)
 		}
+		m.r.Phases = append(m.r.Phases, Phase{s.name, time.Since(t)})
 	}
 	return nil
 }

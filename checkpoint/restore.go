@@ -56,6 +56,8 @@ type Restored struct {
 	Image      *image.Image
 	// Duration is the time from start to the clone running.
 	Duration time.Duration
+	// Phases are the durations of the restore's steps.
+	Phases []Phase
 
 	init *exec.Cmd // the stub, pid 1 of the clone's namespace
 	// Lazy phase (live images only).
@@ -142,6 +144,7 @@ func Restore(ctx context.Context, o RestoreOptions) (*Restored, error) {
 
 // build clones the process out of the stub and morphs it.
 func (r *Restored) build(ctx context.Context, o RestoreOptions, p *image.Process, pages *os.File) (err error) {
+	t0 := time.Now()
 	initTr, err := inject.Seize(r.init.Process.Pid, inject.Options{SuspendSeccomp: true, TraceClone: true})
 	if err != nil {
 		return fmt.Errorf("seize stub: %w", err)
@@ -164,6 +167,7 @@ func (r *Restored) build(ctx context.Context, o RestoreOptions, p *image.Process
 		}
 	}
 	r.Pid = child.Pid()
+	r.Phases = append(r.Phases, Phase{"stub", time.Since(t0)})
 	m := &morph{tr: child, x: child, p: p, img: r.Image, pages: pages, o: o, r: r, hole: hole}
 	err = m.run(ctx) // starts the pager once lazy memory is registered
 	if derr := child.Detach(); derr != nil && err == nil {

@@ -76,7 +76,10 @@ func testCheckpointRestore(t *testing.T, mode string) {
 	h := newHarness(t)
 	bin := testworkload.BuildC(t)
 	fileMap := filepath.Join(t.TempDir(), "filemap")
-	src := testworkload.Start(t, []string{bin, "-mem", "128", "-threads", "2", "-thp", "-churn", "-fork", "-filemap", fileMap, "-quiet"}, nil)
+	// No -fork: a child alive at the snapshot instant breaks the clone
+	// (TestCheckpointProcessWithChild); TestForkDuringLazyRestore covers
+	// forks in a clone.
+	src := testworkload.Start(t, []string{bin, "-mem", "128", "-threads", "2", "-thp", "-churn", "-filemap", fileMap, "-quiet"}, nil)
 	before := src.Verify(t)
 	tids := tasks(t, src.Pid)
 	dir := filepath.Join(t.TempDir(), "image")
@@ -393,4 +396,114 @@ func TestTCPListenerAcrossNetns(t *testing.T) {
 	waitPager(t, c, c.st.LazyPages)
 	mustHello(t, nsB, 5)
 	mustHello(t, nsA, 5)
+}
+
+// forkCheck holds MiB of random bytes and, on SIGUSR1, forks a child that
+// checks them against the checksum taken at start: "verify ok" if the
+// child exits 0. It forks only on request, so a snapshot never holds a
+// child.
+const forkCheck = `import hashlib, os, signal, sys
+buf = bytearray(os.urandom(1 << 20)) * int(sys.argv[1])
+want = hashlib.sha256(buf).hexdigest()
+sigs = {signal.SIGUSR1, signal.SIGTERM}
+signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+print("ready", os.getpid(), flush=True)
+while signal.sigwait(sigs) == signal.SIGUSR1:
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0 if hashlib.sha256(buf).hexdigest() == want else 1)
+    _, st = os.waitpid(pid, 0)
+    if st == 0:
+        print("verify ok child=%d sha=%s" % (pid, want), flush=True)
+    else:
+        print("verify FAIL child %d wait status %#x" % (pid, st), flush=True)
+`
+
+// A child forked by a clone while its pages are still arriving must see
+// the snapshot's memory, not zeros.
+func TestForkDuringLazyRestore(t *testing.T) {
+	h := newHarness(t)
+	if _, err := os.Stat(testworkload.Python); err != nil {
+		t.Skipf("needs %s: %v", testworkload.Python, err)
+	}
+	script := filepath.Join(t.TempDir(), "forkcheck.py")
+	if err := os.WriteFile(script, []byte(forkCheck), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	src := testworkload.Start(t, []string{testworkload.Python, script, "256"}, nil)
+	want := testworkload.Fields(src.Verify(t))["sha"]
+	dir := filepath.Join(t.TempDir(), "image")
+	st := h.checkpoint(src.Pid, dir, "live")
+	c := h.restore(dir, runOpts{})
+	pagerRunning := alive(c.st.PagerPid)
+	line := c.verify(t) // the parent has touched almost nothing yet
+	t.Logf("clone (pager running: %v): %s", pagerRunning, line)
+	if got := testworkload.Fields(line)["sha"]; got != want {
+		t.Errorf("clone's checksum %s, the source's %s", got, want)
+	}
+	waitPager(t, c, st.PagesLazy)
+	c.verify(t)
+	src.Verify(t)
+}
+
+// A clone keeps its name and command line; when it exits, its namespace
+// (the restore stub) goes away with it.
+func TestCloneLifecycle(t *testing.T) {
+	h := newHarness(t)
+	bin := testworkload.BuildC(t)
+	src := testworkload.Start(t, []string{bin, "-mem", "8", "-threads", "1", "-quiet"}, nil)
+	dir := filepath.Join(t.TempDir(), "image")
+	h.checkpoint(src.Pid, dir, "full")
+	c := h.restore(dir, runOpts{})
+	c.verify(t)
+	waitPager(t, c, 0)
+	if a, b := procComm(src.Pid), procComm(c.st.Pid); a != b {
+		t.Errorf("clone's comm is %q, the source's %q", b, a)
+	}
+	if a, b := procCmdline(src.Pid), procCmdline(c.st.Pid); a != b {
+		t.Errorf("clone's command line is %q, the source's %q", b, a)
+	}
+	if err := c.Signal(unix.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := waitExit(c.st.Pid, exitTimeout); err != nil {
+		t.Fatalf("clone did not exit on SIGTERM: %v", err)
+	}
+	if e, err := waitExit(c.stub, 5*time.Second); err != nil {
+		t.Errorf("the clone exited but its namespace did not: restore stub: %v", err)
+	} else {
+		t.Logf("restore stub %v", e)
+	}
+	checkNoLeftovers(t, src.Pid)
+}
+
+// A clone that exits while its pages are still arriving must not leave
+// its pager or namespace behind.
+func TestCloneExitsDuringLazyPhase(t *testing.T) {
+	h := newHarness(t)
+	bin := testworkload.BuildC(t)
+	src := testworkload.Start(t, []string{bin, "-mem", "256", "-threads", "2", "-quiet"}, nil)
+	dir := filepath.Join(t.TempDir(), "image")
+	st := h.checkpoint(src.Pid, dir, "live")
+	c := h.restore(dir, runOpts{})
+	if err := c.Signal(unix.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	pagerRunning := alive(c.st.PagerPid)
+	if _, err := waitExit(c.st.Pid, exitTimeout); err != nil {
+		t.Fatalf("clone did not exit on SIGTERM: %v", err)
+	}
+	if strings.Contains(c.pagerLog(), "lazy pages local") || !pagerRunning {
+		t.Skipf("the pager finished before the clone exited (running: %v); log:\n%s", pagerRunning, c.pagerLog())
+	}
+	if e, err := waitExit(c.st.PagerPid, 10*time.Second); err != nil {
+		t.Errorf("the clone exited during the lazy phase; its pager did not: %v; log:\n%s", err, c.pagerLog())
+	} else {
+		t.Logf("pager %v; log: %s", e, c.pagerLog())
+	}
+	if _, err := waitExit(c.stub, 5*time.Second); err != nil {
+		t.Errorf("restore stub: %v", err)
+	}
+	checkNoLeftovers(t, src.Pid, st.ServerPid)
+	src.Verify(t)
 }

@@ -302,3 +302,62 @@ func TestPageServerDiesMidRestore(t *testing.T) {
 	checkNoLeftovers(t, src.Pid)
 	checkSourceOK(t, src) // the source survives losing its server
 }
+
+// childHolder forks a child that sleeps; on SIGUSR1 it checks that the
+// child is still its own ("verify ok") with waitpid(WNOHANG).
+const childHolder = `import os, signal, sys, time
+child = os.fork()
+if child == 0:
+    while True:
+        time.sleep(3600)
+sigs = {signal.SIGUSR1, signal.SIGTERM}
+signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+print("ready", os.getpid(), flush=True)
+while signal.sigwait(sigs) == signal.SIGUSR1:
+    try:
+        r = os.waitpid(child, os.WNOHANG)
+        print("verify ok child=%d" % child if r == (0, 0) else "verify FAIL child %d exited: %r" % (child, r), flush=True)
+    except ChildProcessError as e:
+        print("verify FAIL child %d: %s" % (child, e), flush=True)
+`
+
+// A process with a child is a process tree: cowmig must refuse it (naming
+// the child) or restore a clone that still has its child. A clone that
+// lost its children fails on its next waitpid.
+func TestCheckpointProcessWithChild(t *testing.T) {
+	h := newHarness(t)
+	if _, err := os.Stat(testworkload.Python); err != nil {
+		t.Skipf("needs %s: %v", testworkload.Python, err)
+	}
+	script := filepath.Join(t.TempDir(), "child.py")
+	if err := os.WriteFile(script, []byte(childHolder), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	src := testworkload.Start(t, []string{testworkload.Python, script}, nil)
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%d/children", src.Pid, src.Pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	child, err := strconv.Atoi(strings.TrimSpace(string(b)))
+	if err != nil {
+		t.Fatalf("children of %d: %q", src.Pid, b)
+	}
+	t.Cleanup(func() { killComm(t, child, "") })
+	src.Verify(t)
+	dir := filepath.Join(t.TempDir(), "image")
+	r := h.run(runOpts{}, "checkpoint", "--pid", strconv.Itoa(src.Pid), "--image", dir, "--mode", "stop")
+	if r.code != 0 {
+		checkFailure(t, r, "checkpoint", strconv.Itoa(child))
+		checkSourceOK(t, src)
+		return
+	}
+	t.Logf("checkpoint of a process with child %d succeeded; the clone must still have it", child)
+	c := h.restore(dir, runOpts{})
+	line, err := c.VerifyLine(testworkload.DefaultTimeout)
+	if err != nil {
+		t.Errorf("clone of a process with a child: %v (cowmig dumped one process of a tree and did not refuse)", err)
+	} else {
+		t.Logf("clone: %s", line)
+	}
+	src.Verify(t)
+}

@@ -244,9 +244,7 @@ func decodeOneJSON(t *testing.T, r cliResult, v any) {
 	if strings.Count(r.stdout, "\n") != 1 || !strings.HasSuffix(r.stdout, "\n") {
 		t.Fatalf("%v: want one line of JSON on stdout", r)
 	}
-	dec := json.NewDecoder(strings.NewReader(r.stdout))
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(v); err != nil {
+	if err := json.Unmarshal([]byte(r.stdout), v); err != nil {
 		t.Fatalf("%v: decode JSON: %v", r, err)
 	}
 }
@@ -271,6 +269,8 @@ type clone struct {
 	stub int
 	// logPath is the pager's log.
 	logPath string
+	// stderrPath is where the clone's fd 2 pointed after the restore.
+	stderrPath string
 }
 
 // restore runs `cowmig restore --json` with the clone's stdout on a FIFO
@@ -297,9 +297,12 @@ func (h *harness) restore(dir string, o runOpts) *clone {
 		t.Fatalf("%v", r)
 	}
 	c := &clone{cliPid: r.pid, logPath: filepath.Join(h.tmp, fmt.Sprintf("cowmig-restore-%d.log", r.pid))}
-	decodeOneJSON(t, r, &c.st)
+	var st restoreStats
+	decodeOneJSON(t, r, &st)
+	c.st = st
 	c.Proc = testworkload.Attach(c.st.Pid, out)
 	c.stub = procPPid(c.st.Pid)
+	c.stderrPath, _ = os.Readlink(fmt.Sprintf("/proc/%d/fd/2", c.st.Pid))
 	if c.stub == 0 {
 		// The clone is gone already: find its namespace's stub by the
 		// directory it runs from.
@@ -359,6 +362,10 @@ func (c *clone) diagnosis() string {
 		fmt.Fprintf(&b, "  thread %s: %s wchan %s syscall %s\n    %s\n", e.Name(), strings.TrimSpace(string(stat)), wchan, strings.TrimSpace(string(sc)), strings.ReplaceAll(strings.TrimSpace(string(stack)), "\n", "\n    "))
 	}
 	fmt.Fprintf(&b, "pager log:\n%s", c.pagerLog())
+	if c.stderrPath != "" {
+		e, _ := os.ReadFile(c.stderrPath)
+		fmt.Fprintf(&b, "\nclone's stderr %s (shared with the source):\n%s", c.stderrPath, e[max(0, len(e)-1500):])
+	}
 	if out, err := exec.Command("dmesg").Output(); err == nil {
 		lines := strings.Split(strings.TrimSpace(string(out)), "\n")
 		fmt.Fprintf(&b, "\ndmesg tail:\n%s", strings.Join(lines[max(0, len(lines)-8):], "\n"))

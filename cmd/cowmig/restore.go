@@ -39,12 +39,13 @@ func (r *restoreFlags) parse(args []string) error {
 }
 
 type restoreStats struct {
-	Pid       int     `json:"pid"`
-	NSPid     int     `json:"ns_pid"`
-	RestoreMs float64 `json:"restore_ms"`
-	Mode      string  `json:"mode"`
-	LazyPages uint64  `json:"lazy_pages"`
-	PagerPid  int     `json:"pager_pid,omitempty"`
+	Pid       int                `json:"pid"`
+	NSPid     int                `json:"ns_pid"`
+	RestoreMs float64            `json:"restore_ms"`
+	Mode      string             `json:"mode"`
+	LazyPages uint64             `json:"lazy_pages"`
+	PagerPid  int                `json:"pager_pid,omitempty"`
+	PhasesMs  map[string]float64 `json:"phases_ms,omitempty"`
 }
 
 func openStdio(path string, def *os.File, flag int) (*os.File, error) {
@@ -98,6 +99,10 @@ func restoreDaemon(args []string) error {
 	}
 	st := restoreStats{Pid: r.Pid, NSPid: r.NSPid, RestoreMs: float64(r.Duration.Microseconds()) / 1000,
 		Mode: string(r.Image.Mode), LazyPages: r.Image.Stats.PagesLazy, PagerPid: os.Getpid()}
+	st.PhasesMs = map[string]float64{}
+	for _, p := range r.Phases {
+		st.PhasesMs[p.Name] += float64(p.D.Microseconds()) / 1000
+	}
 	report(st)
 	log := daemonLog()
 	start := time.Now()
