@@ -210,8 +210,17 @@ func clientID(role string) string {
 // Restoring is a clone being restored from a live or self-contained image.
 type Restoring struct {
 	*checkpoint.Restored
-	c    *transport.Client
-	proc uint32
+	c      *transport.Client
+	proc   uint32
+	ra     *readahead
+	stopRA context.CancelFunc
+}
+
+func (r *Restoring) stopReadahead() {
+	if r.ra != nil {
+		r.ra.stop()
+		r.stopRA()
+	}
 }
 
 // Restore starts the clone of the image in ro.Dir; for a live image it
@@ -227,11 +236,23 @@ func Restore(ctx context.Context, ro checkpoint.RestoreOptions) (*Restoring, err
 		if err != nil {
 			return nil, fmt.Errorf("connect to page server %s: %w", img.Endpoint, err)
 		}
-		ro.Fetcher = fetcher{c: r.c}
 		r.proc = img.Processes[0].ID
+		var ranges []transport.Range
+		for _, v := range img.Processes[0].Vmas {
+			for _, run := range v.Runs {
+				if run.Where == image.OnServer {
+					ranges = append(ranges, transport.Range{Addr: run.Addr, Len: run.NPages * image.PageSize})
+				}
+			}
+		}
+		raCtx, cancel := context.WithCancel(context.Background())
+		r.stopRA = cancel
+		r.ra = newReadahead(raCtx, r.c, r.proc, ranges)
+		ro.Fetcher = fetcher{c: r.c, ra: r.ra}
 	}
 	if r.Restored, err = checkpoint.Restore(ctx, ro); err != nil {
 		if r.c != nil {
+			r.stopReadahead()
 			r.c.Close()
 		}
 		return nil, err
@@ -246,6 +267,7 @@ func (r *Restoring) Serve(ctx context.Context) error {
 	if r.c == nil {
 		return err
 	}
+	r.stopReadahead()
 	if err == nil {
 		err = r.c.Done(ctx, r.proc)
 	}
@@ -253,8 +275,14 @@ func (r *Restoring) Serve(ctx context.Context) error {
 }
 
 // fetcher pulls pages from the page server.
-type fetcher struct{ c *transport.Client }
+type fetcher struct {
+	c  *transport.Client
+	ra *readahead
+}
 
 func (f fetcher) Fetch(ctx context.Context, proc uint32, addr uint64, buf []byte) error {
+	if f.ra != nil && f.ra.take(addr, buf) {
+		return nil
+	}
 	return f.c.GetPages(ctx, proc, []transport.Range{{Addr: addr, Len: uint64(len(buf))}}, buf)
 }
