@@ -82,11 +82,15 @@ func testCheckpointRestore(t *testing.T, mode string) {
 	src := testworkload.Start(t, []string{bin, "-mem", "128", "-threads", "2", "-thp", "-churn", "-filemap", fileMap, "-quiet"}, nil)
 	before := src.Verify(t)
 	tids := tasks(t, src.Pid)
+	fds := fdTable(t, src.Pid)
 	dir := filepath.Join(t.TempDir(), "image")
 
 	st := h.checkpoint(src.Pid, dir, mode)
 	if got := tasks(t, src.Pid); !slices.Equal(got, tids) {
 		t.Fatalf("source threads %v before the checkpoint, %v after", tids, got)
+	}
+	if got := fdTable(t, src.Pid); got != fds {
+		t.Errorf("the checkpoint changed the source's fds:\nbefore:\n%s\nafter:\n%s", fds, got)
 	}
 	src.Verify(t) // the source runs on, unharmed
 	const minPages = 128 << 20 / image.PageSize

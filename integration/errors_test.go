@@ -115,6 +115,7 @@ func TestCheckpointUnsupportedFd(t *testing.T) {
 			}
 			// Both paths: the live checkpoint runs in a daemon, stop in
 			// the command; a second attempt must fail the same way.
+			srcFds := fdTable(t, src.Pid)
 			for _, mode := range []string{"live", "stop"} {
 				dir := filepath.Join(t.TempDir(), "image")
 				fds := openFds(t)
@@ -122,6 +123,9 @@ func TestCheckpointUnsupportedFd(t *testing.T) {
 				checkFailure(t, r, "checkpoint", fmt.Sprintf("pid %d", src.Pid), "fd 50", want, "unsupported")
 				checkClean(t, dir, fds, src.Pid)
 				checkSourceOK(t, src)
+				if got := fdTable(t, src.Pid); got != srcFds {
+					t.Errorf("the failed checkpoint changed the source's fds:\nbefore:\n%s\nafter:\n%s", srcFds, got)
+				}
 			}
 		})
 	}

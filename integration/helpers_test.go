@@ -224,6 +224,9 @@ func (h *harness) checkpoint(pid int, dir, mode string) checkpointStats {
 	r := h.mustRun(runOpts{}, "checkpoint", "--pid", strconv.Itoa(pid), "--image", dir, "--mode", mode, "--json")
 	var st checkpointStats
 	decodeOneJSON(h.t, r, &st)
+	if r.stderr != "" {
+		h.t.Errorf("%v: want nothing on stderr", r)
+	}
 	if st.ServerPid != 0 {
 		h.t.Cleanup(func() { killDaemon(h.t, st.ServerPid, dir) })
 	}
@@ -299,6 +302,9 @@ func (h *harness) restore(dir string, o runOpts) *clone {
 	c := &clone{cliPid: r.pid, logPath: filepath.Join(h.tmp, fmt.Sprintf("cowmig-restore-%d.log", r.pid))}
 	var st restoreStats
 	decodeOneJSON(t, r, &st)
+	if r.stderr != "" {
+		t.Errorf("%v: want nothing on stderr", r)
+	}
 	c.st = st
 	c.Proc = testworkload.Attach(c.st.Pid, out)
 	c.stub = procPPid(c.st.Pid)
@@ -541,6 +547,23 @@ func tasks(t *testing.T, pid int) []int {
 	}
 	sort.Ints(tids)
 	return tids
+}
+
+// fdTable describes pid's open descriptors ("fd -> target" lines).
+func fdTable(t *testing.T, pid int) string {
+	t.Helper()
+	dir := fmt.Sprintf("/proc/%d/fd", pid)
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatalf("fds of %d: %v", pid, err)
+	}
+	var lines []string
+	for _, e := range ents {
+		target, _ := os.Readlink(filepath.Join(dir, e.Name()))
+		lines = append(lines, e.Name()+" -> "+target)
+	}
+	sort.Strings(lines)
+	return strings.Join(lines, "\n")
 }
 
 // openFds counts this process's open descriptors.
