@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"strings"
 	"time"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 
@@ -316,9 +317,32 @@ func (d *dumper) threads(p *image.Process) error {
 			return fmt.Errorf("thread %d: read tid address: %w", tid, err)
 		}
 		t.TidAddress = le64(ta[:])
+		if b, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%d/comm", d.pid, tid)); err == nil {
+			t.Comm = strings.TrimSuffix(string(b), "\n")
+		}
+		if t.Pending, err = d.pending(tid, false); err != nil {
+			return err
+		}
 		p.Threads = append(p.Threads, t)
 	}
-	return nil
+	shared, err := d.pending(d.pid, true)
+	p.SharedPending = shared
+	return err
+}
+
+// pending reads the queued signals of a thread (or the shared queue)
+// without dequeuing them.
+func (d *dumper) pending(tid int, shared bool) ([]image.Siginfo, error) {
+	sis, err := d.tr.PendingSignals(tid, shared)
+	if err != nil {
+		return nil, fmt.Errorf("thread %d: read pending signals: %w", tid, err)
+	}
+	var out []image.Siginfo
+	for _, si := range sis {
+		raw := (*[128]byte)(unsafe.Pointer(&si))[:]
+		out = append(out, image.Siginfo{Signo: int(si.Signo), Raw: append([]byte(nil), raw...)})
+	}
+	return out, nil
 }
 
 // nsTid maps a host tid of pid's threads to the tid inside its pid

@@ -14,6 +14,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -189,5 +190,40 @@ func TestDumpErrors(t *testing.T) {
 	_, err := checkpoint.Dump(context.Background(), 1<<22-1, checkpoint.Options{Mode: image.ModeStop, Dir: t.TempDir()})
 	if !errors.Is(err, checkpoint.ErrNoProcess) {
 		t.Fatalf("dump of a missing pid: %v, want ErrNoProcess", err)
+	}
+}
+
+// Pending signals and thread names survive: a blocked SIGUSR2 queued on the
+// source is pending on the clone, and comm is the source's.
+func TestPendingSignalsAndComm(t *testing.T) {
+	needRoot(t)
+	if _, err := os.Stat(testworkload.Python); err != nil {
+		t.Skip("needs Debian's python3")
+	}
+	script := `import signal, os, time
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2})
+print("ready", os.getpid(), flush=True)
+while True:
+    time.sleep(1)
+`
+	src := testworkload.Start(t, []string{testworkload.Python, "-c", script}, nil)
+	if err := src.Signal(syscall.SIGUSR2); err != nil {
+		t.Fatal(err)
+	}
+	res, dir := dump(t, src.Pid, image.ModeStop)
+	if len(res.Image.Processes[0].SharedPending) != 1 || res.Image.Processes[0].SharedPending[0].Signo != int(syscall.SIGUSR2) {
+		t.Fatalf("image pending signals: %+v", res.Image.Processes[0].SharedPending)
+	}
+	rs, _ := restore(t, dir, nil)
+	st, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", rs.Pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(string(st), "ShdPnd:\t0000000000000800") {
+		t.Fatalf("clone status lacks pending SIGUSR2:\n%s", st)
+	}
+	comm, _ := os.ReadFile(fmt.Sprintf("/proc/%d/comm", rs.Pid))
+	if strings.TrimSpace(string(comm)) != "python3" {
+		t.Fatalf("clone comm %q, want python3", comm)
 	}
 }

@@ -78,6 +78,7 @@ func (m *morph) run(ctx context.Context) error {
 		{"restore signal handlers", m.batch(m.sigactions)},
 		{"restore process attributes", m.batch(m.attrs)},
 		{"restore credentials", m.batch(m.creds)},
+		{"restore pending signals", m.batch(m.signals)},
 	}
 	for _, s := range steps {
 		t := time.Now()

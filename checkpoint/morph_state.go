@@ -249,6 +249,15 @@ func (m *morph) threadSyscalls(h int, t image.Thread) error {
 	if _, err := m.sys(h, unix.SYS_SET_TID_ADDRESS, uintptr(t.TidAddress)); err != nil {
 		return fmt.Errorf("set_tid_address: %w", err)
 	}
+	if t.Comm != "" {
+		name, err := m.str(t.Comm)
+		if err != nil {
+			return err
+		}
+		if _, err := m.sys(h, unix.SYS_PRCTL, unix.PR_SET_NAME, name); err != nil {
+			return fmt.Errorf("set name: %w", err)
+		}
+	}
 	return nil
 }
 
@@ -411,6 +420,34 @@ func (m *morph) creds(ctx context.Context) error {
 			if _, err := m.sys(h, unix.SYS_PRCTL, unix.PR_SET_NO_NEW_PRIVS, 1); err != nil {
 				return fmt.Errorf("no_new_privs: %w", err)
 			}
+		}
+	}
+	return nil
+}
+
+// signals queues the checkpointed pending signals again, each from the
+// thread it is for: the kernel lets a process queue any siginfo to itself
+// (kernel/signal.c: do_rt_tgsigqueueinfo).
+func (m *morph) signals(ctx context.Context) error {
+	queue := func(h int, nr uintptr, args []uintptr, si image.Siginfo) error {
+		if err := m.x.WriteMem(m.scratch, si.Raw); err != nil {
+			return err
+		}
+		if _, err := m.sys(h, nr, append(args, uintptr(si.Signo), uintptr(m.scratch))...); err != nil {
+			return fmt.Errorf("queue signal %d: %w", si.Signo, err)
+		}
+		return nil
+	}
+	for i, t := range m.p.Threads {
+		for _, si := range t.Pending {
+			if err := queue(m.hostTids[i], unix.SYS_RT_TGSIGQUEUEINFO, []uintptr{uintptr(m.p.Pid), uintptr(t.Tid)}, si); err != nil {
+				return err
+			}
+		}
+	}
+	for _, si := range m.p.SharedPending {
+		if err := queue(0, unix.SYS_RT_SIGQUEUEINFO, []uintptr{uintptr(m.p.Pid)}, si); err != nil {
+			return err
 		}
 	}
 	return nil

@@ -104,7 +104,9 @@ type Process struct {
 	Vmas    []Vma       `json:"vmas"`
 	Threads []Thread    `json:"threads"`
 	Sigacts []Sigaction `json:"sigactions"`
-	Fds     []Fd        `json:"fds"`
+	// SharedPending are the process-wide pending signals.
+	SharedPending []Siginfo `json:"shared_pending,omitempty"`
+	Fds           []Fd      `json:"fds"`
 }
 
 // Creds are a process's credentials.
@@ -204,6 +206,7 @@ func (r Run) End() uint64 { return r.Addr + r.NPages*PageSize }
 
 // Thread is one thread's state.
 type Thread struct {
+	Comm       string    `json:"comm,omitempty"`
 	Tid        int       `json:"tid"`
 	Regs       Regs      `json:"regs"`
 	XState     []byte    `json:"xstate"`

@@ -71,6 +71,14 @@ func (p *Process) validate(img *Image, pagesLen int64) error {
 		if len(t.XState) > maxXState || (img.XSaveSize != 0 && len(t.XState) != img.XSaveSize) {
 			return fmt.Errorf("thread %d: xstate size %d", t.Tid, len(t.XState))
 		}
+		if len(t.Comm) > 15 {
+			return fmt.Errorf("thread %d: comm of %d bytes", t.Tid, len(t.Comm))
+		}
+		for _, si := range t.Pending {
+			if err := si.validate(); err != nil {
+				return fmt.Errorf("thread %d: %v", t.Tid, err)
+			}
+		}
 		if t.Regs.Rip >= maxAddr || t.Regs.Rsp >= maxAddr {
 			return fmt.Errorf("thread %d: rip/rsp outside user space", t.Tid)
 		}
@@ -148,6 +156,11 @@ func (p *Process) validate(img *Image, pagesLen int64) error {
 			return fmt.Errorf("fd %d: kind %q", f.Num, f.Kind)
 		}
 	}
+	for _, si := range p.SharedPending {
+		if err := si.validate(); err != nil {
+			return err
+		}
+	}
 	for _, s := range p.Sigacts {
 		if s.Signo < 1 || s.Signo > 64 {
 			return fmt.Errorf("sigaction for signal %d", s.Signo)
@@ -160,6 +173,13 @@ func (p *Process) validate(img *Image, pagesLen int64) error {
 	}
 	if len(p.MM.Auxv) > 1024 {
 		return fmt.Errorf("auxv of %d words", len(p.MM.Auxv))
+	}
+	return nil
+}
+
+func (s Siginfo) validate() error {
+	if s.Signo < 1 || s.Signo > 64 || len(s.Raw) != 128 {
+		return fmt.Errorf("pending signal %d with %d bytes of siginfo", s.Signo, len(s.Raw))
 	}
 	return nil
 }
