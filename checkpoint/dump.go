@@ -39,6 +39,10 @@ type Options struct {
 	// PipeSize is the size of one pin pipe; 0 means fs.pipe-max-size
 	// capped at 4 MiB.
 	PipeSize int
+	// LeaveChildren dumps the process without the children it has at the
+	// snapshot instant (the clone will not have them). Without it a
+	// process with children is refused: process trees are not supported.
+	LeaveChildren bool
 }
 
 // Result describes a finished dump.
@@ -201,6 +205,11 @@ func (d *dumper) process() (*image.Process, error) {
 	stat, err := procfs.ReadStat(pid)
 	if err != nil {
 		return nil, fmt.Errorf("read stat: %w", err)
+	}
+	if !d.o.LeaveChildren {
+		if kids := children(pid); len(kids) > 0 {
+			return nil, fmt.Errorf("pid %d has child processes %v: process trees are not supported: %w", pid, kids, ErrUnsupported)
+		}
 	}
 	p := &image.Process{ID: 1, Pid: pid, PPid: stat.PPid, Pgid: stat.Pgrp, Sid: stat.Session, Comm: st.Name, Umask: st.Umask}
 	if len(st.NSpid) > 1 {
@@ -390,4 +399,20 @@ func hasPrefixAny(s string, prefixes ...string) bool {
 		}
 	}
 	return false
+}
+
+// children lists the child processes of every thread of pid.
+func children(pid int) []int {
+	var out []int
+	tasks, _ := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/children", pid))
+	for _, t := range tasks {
+		b, _ := os.ReadFile(t)
+		for _, f := range strings.Fields(string(b)) {
+			var c int
+			if _, err := fmt.Sscan(f, &c); err == nil {
+				out = append(out, c)
+			}
+		}
+	}
+	return out
 }

@@ -348,7 +348,10 @@ func pipeSize(want int) int {
 	return min(n, 4<<20)
 }
 
-// Features the source uffd needs. No events: the pipes hold the snapshot,
-// so munmap, madvise, mremap and fork need no attention from the monitor
-// (mremap and fork drop the registration of what they move or copy).
-const sourceFeatures = uffd.FeaturePagefaultFlagWP
+// Features the source uffd needs. The pipes hold the snapshot, so munmap,
+// madvise and fork need no attention from the monitor (fork drops the
+// registration of the child's copy, whose writes break COW). mremap does:
+// without EVENT_REMAP the kernel drops the protection of the pages it
+// moves (mm/userfaultfd.c:mremap_userfaultfd_prep) and writes would land
+// unnoticed in pages the pipes still pin.
+const sourceFeatures = uffd.FeaturePagefaultFlagWP | uffd.FeatureEventRemap

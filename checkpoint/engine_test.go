@@ -59,7 +59,9 @@ func token(t *testing.T) []byte {
 func dump(t *testing.T, pid int, mode image.Mode) (*checkpoint.Result, string) {
 	t.Helper()
 	dir := t.TempDir()
-	res, err := checkpoint.Dump(context.Background(), pid, checkpoint.Options{Mode: mode, Dir: dir, Endpoint: "unix:/nonexistent", Token: token(t)})
+	// The workloads fork short-lived children: one may exist at the
+	// snapshot instant; the clone goes on without it.
+	res, err := checkpoint.Dump(context.Background(), pid, checkpoint.Options{Mode: mode, Dir: dir, Endpoint: "unix:/nonexistent", Token: token(t), LeaveChildren: true})
 	if err != nil {
 		t.Fatalf("dump %s: %v", mode, err)
 	}
@@ -190,6 +192,25 @@ func TestDumpErrors(t *testing.T) {
 	_, err := checkpoint.Dump(context.Background(), 1<<22-1, checkpoint.Options{Mode: image.ModeStop, Dir: t.TempDir()})
 	if !errors.Is(err, checkpoint.ErrNoProcess) {
 		t.Fatalf("dump of a missing pid: %v, want ErrNoProcess", err)
+	}
+	// A process with a child is refused and keeps running.
+	if _, err := os.Stat(testworkload.Python); err != nil {
+		t.Skip("needs Debian's python3")
+	}
+	script := `import os, subprocess, sys, time
+c = subprocess.Popen(["sleep", "1000"])
+print("ready", os.getpid(), flush=True)
+while True:
+    time.sleep(0.01)
+`
+	src := testworkload.Start(t, []string{testworkload.Python, "-c", script}, nil)
+	_, err = checkpoint.Dump(context.Background(), src.Pid, checkpoint.Options{Mode: image.ModeStop, Dir: t.TempDir()})
+	if !errors.Is(err, checkpoint.ErrUnsupported) || !strings.Contains(err.Error(), "child processes") {
+		t.Fatalf("dump of a process with a child: %v, want ErrUnsupported naming the children", err)
+	}
+	st, _ := os.ReadFile(fmt.Sprintf("/proc/%d/status", src.Pid))
+	if !strings.Contains(string(st), "TracerPid:\t0") {
+		t.Fatalf("source left traced after a refused dump:\n%s", st)
 	}
 }
 

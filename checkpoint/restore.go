@@ -72,6 +72,8 @@ type Restored struct {
 
 	killOnce sync.Once
 	exited   chan struct{} // closed when the stub has been reaped
+	// cloneGone is closed when the clone has exited.
+	cloneGone chan struct{}
 	// unpin ends the goroutine whose OS thread forked the stub.
 	unpin     chan struct{}
 	unpinOnce sync.Once
@@ -124,7 +126,7 @@ func Restore(ctx context.Context, o RestoreOptions) (*Restored, error) {
 	// Pdeathsig: while pages are lazy the clone must die with its pager
 	// (DESIGN §3, monitor death); Serve disarms it once all are local.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Cloneflags: unix.CLONE_NEWPID, Pdeathsig: unix.SIGKILL, Setsid: true}
-	r := &Restored{Image: img, NSPid: p.Pid, init: cmd, errc: make(chan error, 1), exited: make(chan struct{}), unpin: make(chan struct{})}
+	r := &Restored{Image: img, NSPid: p.Pid, init: cmd, errc: make(chan error, 1), exited: make(chan struct{}), unpin: make(chan struct{}), cloneGone: make(chan struct{})}
 	if err := r.startStub(); err != nil {
 		return nil, fmt.Errorf("start restore stub: %w", err)
 	}
@@ -139,6 +141,7 @@ func Restore(ctx context.Context, o RestoreOptions) (*Restored, error) {
 		return nil, fmt.Errorf("restore pid %d: %w", p.Pid, err)
 	}
 	r.Duration = time.Since(start)
+	go waitExit(r.Pid, r.cloneGone)
 	return r, nil
 }
 
@@ -261,12 +264,22 @@ func (r *Restored) Serve(ctx context.Context) error {
 		return r.disarm()
 	}
 	var err error
+	gone := false
 	select {
 	case <-r.lazy.Done():
 	case err = <-r.errc:
+	case <-r.cloneGone:
+		gone = true // exited during the lazy phase: nothing left to serve
 	case <-ctx.Done():
 		err = ctx.Err()
 		r.Kill()
+	}
+	if gone {
+		r.loop.Stop()
+		r.wg.Wait()
+		r.pager.closeChildren()
+		r.u.Close()
+		return nil
 	}
 	if err == nil {
 		// Children forked during the lazy phase are served by the same
@@ -343,17 +356,26 @@ func (r *Restored) release() { r.unpinOnce.Do(func() { close(r.unpin) }) }
 // consumes nothing.
 func (r *Restored) reap() {
 	defer close(r.exited)
-	pfd, err := unix.PidfdOpen(r.init.Process.Pid, 0)
-	if err == nil {
-		fds := []unix.PollFd{{Fd: int32(pfd), Events: unix.POLLIN}}
-		for {
-			if _, err := unix.Poll(fds, -1); err != unix.EINTR {
-				break
-			}
-		}
-		unix.Close(pfd)
-	}
+	stub := make(chan struct{})
+	waitExit(r.init.Process.Pid, stub)
 	r.init.Wait()
+}
+
+// waitExit closes done when process pid has exited (a pidfd becomes
+// readable; this consumes nothing, unlike wait(2)).
+func waitExit(pid int, done chan struct{}) {
+	defer close(done)
+	pfd, err := unix.PidfdOpen(pid, 0)
+	if err != nil {
+		return
+	}
+	defer unix.Close(pfd)
+	fds := []unix.PollFd{{Fd: int32(pfd), Events: unix.POLLIN}}
+	for {
+		if _, err := unix.Poll(fds, -1); err != unix.EINTR {
+			return
+		}
+	}
 }
 
 // Kill kills the clone and its namespace (SIGKILL to the stub, pid 1).
@@ -367,16 +389,7 @@ func (r *Restored) Kill() {
 // Wait waits until the clone's namespace is gone. It returns the stub's
 // status; the clone's own exit status is not reported.
 func (r *Restored) Wait() error {
-	pfd, err := unix.PidfdOpen(r.Pid, 0)
-	if err == nil {
-		fds := []unix.PollFd{{Fd: int32(pfd), Events: unix.POLLIN}}
-		for {
-			if _, err := unix.Poll(fds, -1); err != unix.EINTR {
-				break
-			}
-		}
-		unix.Close(pfd)
-	}
+	<-r.cloneGone
 	r.Kill()
 	<-r.exited
 	return nil

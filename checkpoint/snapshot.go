@@ -28,8 +28,12 @@ var ErrNotInSnapshot = errors.New("page not in snapshot")
 // of the COW window, and their drained copies.
 type Snapshot struct {
 	proc uint32
-	u    *uffd.FD // owned; closed when the COW window closes
+	uMu  sync.Mutex // guards u
+	u    *uffd.FD   // owned; closed when the COW window closes
 	loop *uffd.Loop
+	// loopDone is closed when the loop's goroutine has returned.
+	loopDone   chan struct{}
+	windowOnce sync.Once
 	// segs are the pinned runs in address order, each inside one pipe.
 	segs  []pinSeg
 	pipes []*pinPipe
@@ -52,6 +56,9 @@ type Snapshot struct {
 	err error
 	// doneClients counts Done calls from clients that fetched everything.
 	doneClients int
+	// moves maps addresses the target mremapped pages to back to their
+	// snapshot addresses.
+	moves moveMap
 }
 
 // pinSeg is a run of pinned pages in one pipe.
@@ -118,6 +125,7 @@ func (d *dumper) pin(p *image.Process, runs []pinRun, vmas []image.Vma) (*Snapsh
 	}
 	if d.o.Mode == image.ModeFull {
 		s.pages, s.pagesBase = d.pages, d.pagesOff
+		d.img.Stats.PagesEager += s.pagesLazy // drained into pages.img
 	} else {
 		d.img.Stats.PagesLazy = s.pagesLazy
 	}
@@ -276,9 +284,11 @@ func (s *Snapshot) startLoop() error {
 		return fmt.Errorf("start fault loop: %w", err)
 	}
 	s.loop = loop
+	s.loopDone = make(chan struct{})
 	s.wg.Add(1)
 	go func() {
 		defer s.wg.Done()
+		defer close(s.loopDone)
 		if err := loop.Run(); err != nil {
 			s.setErr(fmt.Errorf("fault loop: %w", err))
 		}
@@ -318,14 +328,22 @@ func (s *Snapshot) drainAll(ctx context.Context) error {
 
 // closeWindow ends the COW window: every page is saved, so the uffd goes.
 func (s *Snapshot) closeWindow() {
-	if s.loop != nil {
-		s.loop.Stop()
-	}
-	select {
-	case <-s.windowEnd:
-	default:
+	s.windowOnce.Do(func() {
+		if s.loop != nil {
+			s.loop.Stop()
+			<-s.loopDone
+		}
+		// Nothing is protected any more. Close the uffd now: while it
+		// is open the target's mremap waits for someone to read its
+		// REMAP event.
+		s.uMu.Lock()
+		if s.u != nil {
+			s.u.Close()
+			s.u = nil
+		}
+		s.uMu.Unlock()
 		close(s.windowEnd)
-	}
+	})
 }
 
 // WindowClosed is closed when the COW window has ended.
@@ -371,6 +389,8 @@ func (s *Snapshot) drain(i int) error {
 // writers blocked on them. Ranges the target unmapped or moved meanwhile
 // are no longer registered: fall back to page by page and ignore those.
 func (s *Snapshot) unprotect(pp *pinPipe) {
+	s.uMu.Lock()
+	defer s.uMu.Unlock()
 	if s.u == nil {
 		return
 	}
@@ -391,7 +411,10 @@ func (s *Snapshot) unprotect(pp *pinPipe) {
 // unprotects it). Implements uffd.Handler.
 func (s *Snapshot) Fault(u *uffd.FD, m uffd.Msg) error {
 	addr := m.Address &^ (image.PageSize - 1)
-	if i := s.findSeg(addr); i >= 0 {
+	s.mu.Lock()
+	orig := s.moves.origin(addr)
+	s.mu.Unlock()
+	if i := s.findSeg(orig); i >= 0 {
 		if !s.pipes[s.segs[i].pipe].filled.Load() {
 			// Still frozen (every pipe is filled before the thaw): only
 			// the kernel writes now, updating a thread's rseq area on
@@ -409,8 +432,17 @@ func (s *Snapshot) Fault(u *uffd.FD, m uffd.Msg) error {
 	return nil
 }
 
-// Event implements uffd.Handler; the source requests no events.
-func (s *Snapshot) Event(u *uffd.FD, m uffd.Msg) error { return nil }
+// Event implements uffd.Handler. The source asks only for REMAP: mremap
+// moves write-protected pages, still pinned, to a new address where a
+// write must be caught and traced back to the page's snapshot address.
+func (s *Snapshot) Event(u *uffd.FD, m uffd.Msg) error {
+	if m.Kind == uffd.MsgRemap {
+		s.mu.Lock()
+		s.moves.move(m.From, m.To, m.Len)
+		s.mu.Unlock()
+	}
+	return nil
+}
 
 func (s *Snapshot) findSeg(addr uint64) int {
 	i := sort.Search(len(s.segs), func(i int) bool { return s.segs[i].end > addr })
@@ -512,10 +544,12 @@ func (s *Snapshot) Release() {
 
 // closeAll frees every resource; the goroutines must be stopped.
 func (s *Snapshot) closeAll() {
+	s.uMu.Lock()
 	if s.u != nil {
 		s.u.Close() // also unregisters: blocked writers proceed
 		s.u = nil
 	}
+	s.uMu.Unlock()
 	for _, pp := range s.pipes {
 		pp.mu.Lock()
 		if pp.r != nil {

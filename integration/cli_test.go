@@ -76,11 +76,11 @@ func testCheckpointRestore(t *testing.T, mode string) {
 	h := newHarness(t)
 	bin := testworkload.BuildC(t)
 	fileMap := filepath.Join(t.TempDir(), "filemap")
-	// No -fork: a child alive at the snapshot instant breaks the clone
-	// (TestCheckpointProcessWithChild); TestForkDuringLazyRestore covers
-	// forks in a clone.
+	// No -fork: with a child alive at the snapshot instant the process
+	// is a tree (TestCheckpointProcessWithChild); TestForkDuringLazyRestore
+	// covers forks in a clone.
 	src := testworkload.Start(t, []string{bin, "-mem", "128", "-threads", "2", "-thp", "-churn", "-filemap", fileMap, "-quiet"}, nil)
-	before := src.Verify(t)
+	before := verifySource(t, src)
 	tids := tasks(t, src.Pid)
 	fds := fdTable(t, src.Pid)
 	dir := filepath.Join(t.TempDir(), "image")
@@ -92,7 +92,7 @@ func testCheckpointRestore(t *testing.T, mode string) {
 	if got := fdTable(t, src.Pid); got != fds {
 		t.Errorf("the checkpoint changed the source's fds:\nbefore:\n%s\nafter:\n%s", fds, got)
 	}
-	src.Verify(t) // the source runs on, unharmed
+	verifySource(t, src) // the source runs on, unharmed
 	const minPages = 128 << 20 / image.PageSize
 	if st.PagesTotal < minPages {
 		t.Errorf("checkpoint holds %d pages, want ≥ %d (128 MiB of writers)", st.PagesTotal, minPages)
@@ -162,7 +162,7 @@ func testCheckpointRestore(t *testing.T, mode string) {
 	if a, b := mustCounter(t, first, "steps"), mustCounter(t, second, "steps"); b <= a {
 		t.Errorf("clone's steps did not grow: %d then %d", a, b)
 	}
-	src.Verify(t)
+	verifySource(t, src)
 
 	if mode != "live" {
 		return
@@ -187,7 +187,7 @@ func testCheckpointRestore(t *testing.T, mode string) {
 		t.Errorf("inspect after release differs: threads %v, %d mappings", again.threads, len(again.vmas))
 	}
 	c.verify(t)
-	src.Verify(t)
+	verifySource(t, src)
 }
 
 func readFile(p string) string {
@@ -220,7 +220,7 @@ func TestTwoClonesOfOneSnapshot(t *testing.T) {
 	for _, c := range []*clone{c1, c2} {
 		t.Logf("clone %d: %s", c.st.Pid, c.verify(t))
 	}
-	src.Verify(t)
+	verifySource(t, src)
 	h.run(runOpts{}, "release", "--image", dir)
 	if _, err := waitExit(st.ServerPid, exitTimeout); err != nil {
 		t.Errorf("page server after release: %v", err)
@@ -231,7 +231,7 @@ func TestPythonClone(t *testing.T) {
 	h := newHarness(t)
 	script := testworkload.PythonScript(t)
 	src := testworkload.Start(t, []string{testworkload.Python, script, "256", "--quiet"}, nil)
-	before := src.Verify(t)
+	before := verifySource(t, src)
 	dir := filepath.Join(t.TempDir(), "image")
 	st := h.checkpoint(src.Pid, dir, "live")
 	if st.PagesTotal*image.PageSize < 256<<20 {
@@ -248,7 +248,7 @@ func TestPythonClone(t *testing.T) {
 	second := c.verify(t)
 	checkPythonVerify(t, second)
 	t.Logf("clone: %s then %s", first, second)
-	src.Verify(t)
+	verifySource(t, src)
 }
 
 func checkPythonVerify(t *testing.T, line string) {
@@ -435,7 +435,7 @@ func TestForkDuringLazyRestore(t *testing.T) {
 		t.Fatal(err)
 	}
 	src := testworkload.Start(t, []string{testworkload.Python, script, "256"}, nil)
-	want := testworkload.Fields(src.Verify(t))["sha"]
+	want := testworkload.Fields(verifySource(t, src))["sha"]
 	dir := filepath.Join(t.TempDir(), "image")
 	st := h.checkpoint(src.Pid, dir, "live")
 	c := h.restore(dir, runOpts{})
@@ -447,7 +447,7 @@ func TestForkDuringLazyRestore(t *testing.T) {
 	}
 	waitPager(t, c, st.PagesLazy)
 	c.verify(t)
-	src.Verify(t)
+	verifySource(t, src)
 }
 
 // A clone keeps its name and command line; when it exits, its namespace
@@ -509,5 +509,5 @@ func TestCloneExitsDuringLazyPhase(t *testing.T) {
 		t.Errorf("restore stub: %v", err)
 	}
 	checkNoLeftovers(t, src.Pid, st.ServerPid)
-	src.Verify(t)
+	verifySource(t, src)
 }

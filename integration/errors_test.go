@@ -56,7 +56,7 @@ func checkSourceOK(t *testing.T, src *testworkload.Proc) {
 	if tp := tracerPid(src.Pid); tp != "0" {
 		t.Errorf("pid %d is still traced by %s", src.Pid, tp)
 	}
-	src.Verify(t)
+	verifySource(t, src)
 }
 
 func TestCheckpointMissingPid(t *testing.T) {
@@ -104,7 +104,7 @@ func TestCheckpointUnsupportedFd(t *testing.T) {
 	for _, kind := range []string{"epoll", "eventfd"} {
 		t.Run(kind, func(t *testing.T) {
 			src := testworkload.Start(t, []string{testworkload.Python, holder, kind, script, "16", "--quiet"}, nil)
-			src.Verify(t)
+			verifySource(t, src)
 			target, err := os.Readlink(fmt.Sprintf("/proc/%d/fd/50", src.Pid))
 			if err != nil {
 				t.Fatal(err)
@@ -347,7 +347,7 @@ func TestCheckpointProcessWithChild(t *testing.T) {
 		t.Fatalf("children of %d: %q", src.Pid, b)
 	}
 	t.Cleanup(func() { killComm(t, child, "") })
-	src.Verify(t)
+	verifySource(t, src)
 	dir := filepath.Join(t.TempDir(), "image")
 	r := h.run(runOpts{}, "checkpoint", "--pid", strconv.Itoa(src.Pid), "--image", dir, "--mode", "stop")
 	if r.code != 0 {
@@ -363,5 +363,5 @@ func TestCheckpointProcessWithChild(t *testing.T) {
 	} else {
 		t.Logf("clone: %s", line)
 	}
-	src.Verify(t)
+	verifySource(t, src)
 }

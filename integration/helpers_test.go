@@ -164,7 +164,9 @@ func (h *harness) run(o runOpts, args ...string) cliResult {
 	ctx, cancel := context.WithTimeout(context.Background(), cliTimeout)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, argv[0], argv[1:]...)
-	cmd.Env = append(os.Environ(), "TMPDIR="+h.tmp)
+	// GOTRACEBACK: a hung daemon's SIGQUIT dump (quitDaemons) shows
+	// every goroutine.
+	cmd.Env = append(os.Environ(), "TMPDIR="+h.tmp, "GOTRACEBACK=all")
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	// A daemon that kept the command's stdout or stderr would make Wait
@@ -184,13 +186,75 @@ func (h *harness) run(o runOpts, args ...string) cliResult {
 	case errors.Is(err, exec.ErrWaitDelay):
 		h.t.Fatalf("%v: a process it left behind still holds its stdout or stderr", r)
 	case ctx.Err() != nil:
-		h.t.Fatalf("%v: did not finish within %v", r, cliTimeout)
+		h.t.Fatalf("%v: did not finish within %v\n%s", r, cliTimeout, quitDaemons(imageArg(args)))
 	case errors.As(err, &exitErr):
 		r.code = exitErr.ExitCode()
 	default:
 		h.t.Fatalf("run %q: %v", argv, err)
 	}
 	return r
+}
+
+// imageArg returns the value of --image in args.
+func imageArg(args []string) string {
+	for i, a := range args {
+		if a == "--image" && i+1 < len(args) {
+			return args[i+1]
+		}
+	}
+	return cowmigBin
+}
+
+// quitDaemons ends the daemons a hung command left behind for image dir:
+// it reports their threads, then SIGQUIT makes each dump its goroutines to
+// its stderr, whose tail it returns.
+func quitDaemons(dir string) string {
+	var b strings.Builder
+	for _, pid := range children() {
+		cmdline := procCmdline(pid)
+		if !alive(pid) || !strings.Contains(cmdline, cowmigBin) || !strings.Contains(cmdline, dir) {
+			continue
+		}
+		errPath, _ := os.Readlink(fmt.Sprintf("/proc/%d/fd/2", pid))
+		fmt.Fprintf(&b, "daemon %d (%s):\n%s", pid, cmdline, threadReport(pid))
+		_ = unix.Kill(pid, unix.SIGQUIT)
+		if _, err := waitExit(pid, 5*time.Second); err != nil {
+			_ = unix.Kill(pid, unix.SIGKILL)
+			_, _ = waitExit(pid, 5*time.Second)
+		}
+		if errPath != "" {
+			e, _ := os.ReadFile(errPath)
+			fmt.Fprintf(&b, "its stderr %s:\n%s\n", errPath, e[max(0, len(e)-8000):])
+		}
+	}
+	return b.String()
+}
+
+// threadReport describes what pid's threads are doing.
+func threadReport(pid int) string {
+	var b strings.Builder
+	ents, _ := os.ReadDir(fmt.Sprintf("/proc/%d/task", pid))
+	for _, e := range ents {
+		d := fmt.Sprintf("/proc/%d/task/%s/", pid, e.Name())
+		stat, _ := os.ReadFile(d + "stat")
+		wchan, _ := os.ReadFile(d + "wchan")
+		sc, _ := os.ReadFile(d + "syscall")
+		stack, _ := os.ReadFile(d + "stack")
+		fmt.Fprintf(&b, "  thread %s: %s wchan %s syscall %s\n    %s\n", e.Name(), strings.TrimSpace(string(stat)), wchan,
+			strings.TrimSpace(string(sc)), strings.ReplaceAll(strings.TrimSpace(string(stack)), "\n", "\n    "))
+	}
+	return b.String()
+}
+
+// verifySource asks a source workload to verify itself; on failure it
+// reports what its threads are doing.
+func verifySource(t *testing.T, src *testworkload.Proc) string {
+	t.Helper()
+	line, err := src.VerifyLine(testworkload.DefaultTimeout)
+	if err != nil {
+		t.Fatalf("verify source %d: %v\n%s", src.Pid, err, threadReport(src.Pid))
+	}
+	return line
 }
 
 // mustRun runs cowmig and fails the test unless it exits 0.
@@ -358,15 +422,7 @@ func (c *clone) verify(t *testing.T) string {
 func (c *clone) diagnosis() string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "clone %d state %q, stub %d state %q, pager %d state %q\n", c.st.Pid, procState(c.st.Pid), c.stub, procState(c.stub), c.st.PagerPid, procState(c.st.PagerPid))
-	ents, _ := os.ReadDir(fmt.Sprintf("/proc/%d/task", c.st.Pid))
-	for _, e := range ents {
-		d := fmt.Sprintf("/proc/%d/task/%s/", c.st.Pid, e.Name())
-		stat, _ := os.ReadFile(d + "stat")
-		wchan, _ := os.ReadFile(d + "wchan")
-		sc, _ := os.ReadFile(d + "syscall")
-		stack, _ := os.ReadFile(d + "stack")
-		fmt.Fprintf(&b, "  thread %s: %s wchan %s syscall %s\n    %s\n", e.Name(), strings.TrimSpace(string(stat)), wchan, strings.TrimSpace(string(sc)), strings.ReplaceAll(strings.TrimSpace(string(stack)), "\n", "\n    "))
-	}
+	b.WriteString(threadReport(c.st.Pid))
 	fmt.Fprintf(&b, "pager log:\n%s", c.pagerLog())
 	if c.stderrPath != "" {
 		e, _ := os.ReadFile(c.stderrPath)

@@ -22,14 +22,15 @@ const (
 )
 
 type checkpointFlags struct {
-	pid      int
-	dir      string
-	mode     string
-	listen   string
-	ttl      time.Duration
-	maxAge   time.Duration
-	pipeSize int
-	json     bool
+	pid       int
+	dir       string
+	mode      string
+	listen    string
+	ttl       time.Duration
+	maxAge    time.Duration
+	pipeSize  int
+	json      bool
+	leaveKids bool
 }
 
 func (c *checkpointFlags) parse(args []string) error {
@@ -42,6 +43,7 @@ func (c *checkpointFlags) parse(args []string) error {
 	fs.DurationVar(&c.maxAge, "max-age", 24*time.Hour, "release the snapshot after this long in any case (0: never)")
 	fs.IntVar(&c.pipeSize, "pipe-size", 0, "bytes per pin pipe (default: fs.pipe-max-size, at most 4 MiB)")
 	fs.BoolVar(&c.json, "json", false, "print statistics as JSON")
+	fs.BoolVar(&c.leaveKids, "leave-children", false, "checkpoint the process without its child processes (refused otherwise)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -64,7 +66,7 @@ func (c *checkpointFlags) parse(args []string) error {
 
 func (c *checkpointFlags) options() live.CheckpointOptions {
 	return live.CheckpointOptions{
-		Options: checkpoint.Options{Mode: image.Mode(c.mode), Dir: c.dir, PipeSize: c.pipeSize},
+		Options: checkpoint.Options{Mode: image.Mode(c.mode), Dir: c.dir, PipeSize: c.pipeSize, LeaveChildren: c.leaveKids},
 		Listen:  c.listen,
 	}
 }

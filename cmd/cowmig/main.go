@@ -39,7 +39,13 @@ func main() {
 		os.Exit(2)
 	}
 	if err != nil {
-		fmt.Fprintf(os.Stderr, "cowmig %s: %v\n", os.Args[1], oneLine(err))
+		out := os.Stderr
+		if os.Args[1] == daemonCheckpoint || os.Args[1] == daemonRestore {
+			// A daemon's stderr may be the clone's: its starter reports
+			// the error; the log keeps it.
+			out = daemonLog()
+		}
+		fmt.Fprintf(out, "cowmig %s: %v\n", os.Args[1], oneLine(err))
 		os.Exit(1)
 	}
 }
