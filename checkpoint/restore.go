@@ -2,6 +2,7 @@ package checkpoint
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"os"
@@ -170,6 +171,12 @@ func (r *Restored) build(ctx context.Context, o RestoreOptions, p *image.Process
 		}
 	}
 	r.Pid = child.Pid()
+	// Tell the stub which child ends the namespace when it exits.
+	var root [4]byte
+	binary.LittleEndian.PutUint32(root[:], uint32(p.Pid))
+	if err := initTr.WriteMem(stubRoot, root[:]); err != nil {
+		return errors.Join(fmt.Errorf("tell the stub its child: %w", err), child.Kill(), initTr.Detach())
+	}
 	r.Phases = append(r.Phases, Phase{"stub", time.Since(t0)})
 	m := &morph{tr: child, x: child, p: p, img: r.Image, pages: pages, o: o, r: r, hole: hole}
 	err = m.run(ctx) // starts the pager once lazy memory is registered
