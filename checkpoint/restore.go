@@ -21,6 +21,10 @@ import (
 	"github.com/cowmig/cowmig/uffd"
 )
 
+// ErrCloneExited is returned by Serve when the clone exited before all of
+// its pages were local: the restore did not complete, but nothing failed.
+var ErrCloneExited = errors.New("clone exited during the lazy phase")
+
 // PageFetcher fetches lazy pages of a live image from its source.
 type PageFetcher interface {
 	// Fetch fills buf with process proc's snapshot content at addr.
@@ -286,7 +290,7 @@ func (r *Restored) Serve(ctx context.Context) error {
 		r.wg.Wait()
 		r.pager.closeChildren()
 		r.u.Close()
-		return nil
+		return ErrCloneExited
 	}
 	if err == nil {
 		// Children forked during the lazy phase are served by the same

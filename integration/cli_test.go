@@ -482,28 +482,40 @@ func TestCloneLifecycle(t *testing.T) {
 }
 
 // A clone that exits while its pages are still arriving must not leave
-// its pager or namespace behind.
+// its pager or namespace behind, and its pager must not report (to its
+// log and to the page server) that it made every page local.
 func TestCloneExitsDuringLazyPhase(t *testing.T) {
 	h := newHarness(t)
 	bin := testworkload.BuildC(t)
-	src := testworkload.Start(t, []string{bin, "-mem", "256", "-threads", "2", "-quiet"}, nil)
+	src := testworkload.Start(t, []string{bin, "-mem", "512", "-threads", "2", "-quiet"}, nil)
 	dir := filepath.Join(t.TempDir(), "image")
 	st := h.checkpoint(src.Pid, dir, "live")
 	c := h.restore(dir, runOpts{})
+	restored := time.Now()
+	if !alive(c.st.PagerPid) || c.pagerLog() != "" {
+		t.Skipf("the pager finished before the test could stop the clone; log:\n%s", c.pagerLog())
+	}
+	start := time.Now()
 	if err := c.Signal(unix.SIGTERM); err != nil {
 		t.Fatal(err)
 	}
-	pagerRunning := alive(c.st.PagerPid)
 	if _, err := waitExit(c.st.Pid, exitTimeout); err != nil {
 		t.Fatalf("clone did not exit on SIGTERM: %v", err)
 	}
-	if strings.Contains(c.pagerLog(), "lazy pages local") || !pagerRunning {
-		t.Skipf("the pager finished before the clone exited (running: %v); log:\n%s", pagerRunning, c.pagerLog())
-	}
+	exited, gone := time.Since(start), time.Since(restored)
 	if e, err := waitExit(c.st.PagerPid, 10*time.Second); err != nil {
 		t.Errorf("the clone exited during the lazy phase; its pager did not: %v; log:\n%s", err, c.pagerLog())
 	} else {
-		t.Logf("pager %v; log: %s", e, c.pagerLog())
+		t.Logf("clone exited %v after SIGTERM; pager %v; log: %s", exited, e, c.pagerLog())
+	}
+	// "all N lazy pages local after D", D counted from about when the
+	// restore returned: a clone gone before D never got them all.
+	log := c.pagerLog()
+	if _, after, ok := strings.Cut(log, "lazy pages local after "); ok {
+		if d, err := time.ParseDuration(strings.TrimSpace(after)); err == nil && gone < d {
+			t.Errorf("the clone was gone %v after the restore, yet its pager reports every one of %d pages local after %v: %s",
+				gone, st.PagesLazy, d, strings.TrimSpace(log))
+		}
 	}
 	if _, err := waitExit(c.stub, 5*time.Second); err != nil {
 		t.Errorf("restore stub: %v", err)

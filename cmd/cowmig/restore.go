@@ -106,7 +106,10 @@ func restoreDaemon(args []string) error {
 	report(st)
 	log := daemonLog()
 	start := time.Now()
-	if err := r.Serve(ctx); err != nil {
+	if err := r.Serve(ctx); errors.Is(err, checkpoint.ErrCloneExited) {
+		fmt.Fprintf(log, "cowmig pager: pid %d exited after %v, before all its pages were local\n", r.Pid, time.Since(start))
+		return nil
+	} else if err != nil {
 		fmt.Fprintf(log, "cowmig pager: pid %d: %v (the clone was killed)\n", r.Pid, err)
 		return err
 	}

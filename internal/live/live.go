@@ -199,7 +199,12 @@ func Release(ctx context.Context, dir string) error {
 		return fmt.Errorf("connect to page server %s: %w", img.Endpoint, err)
 	}
 	defer c.Close()
-	return c.Release(ctx)
+	err = c.Release(ctx)
+	if errors.Is(err, transport.ErrClosed) {
+		// The server released and shut down before its answer went out.
+		return nil
+	}
+	return err
 }
 
 func clientID(role string) string {
@@ -269,6 +274,7 @@ func (r *Restoring) Serve(ctx context.Context) error {
 	}
 	r.stopReadahead()
 	if err == nil {
+		// Only a clone that has every page counts as a fetch.
 		err = r.c.Done(ctx, r.proc)
 	}
 	return errors.Join(err, r.c.Close())
