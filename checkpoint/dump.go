@@ -93,10 +93,10 @@ func Dump(ctx context.Context, pid int, o Options) (*Result, error) {
 	tr, err := inject.Seize(pid, inject.Options{SuspendSeccomp: true})
 	if err != nil {
 		if errors.Is(err, unix.ESRCH) || errors.Is(err, inject.ErrTraceeGone) {
-			return nil, fmt.Errorf("%w: %v", ErrNoProcess, err)
+			return nil, fmt.Errorf("seize pid %d: %w: %v", pid, ErrNoProcess, err)
 		}
 		if errors.Is(err, unix.EPERM) || errors.Is(err, unix.EACCES) {
-			return nil, fmt.Errorf("%w: %v", ErrPermission, err)
+			return nil, fmt.Errorf("seize pid %d: %w: %v", pid, ErrPermission, err)
 		}
 		return nil, fmt.Errorf("seize: %w", err)
 	}

@@ -10,6 +10,7 @@ import (
 	"runtime"
 	"sort"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -79,6 +80,8 @@ type Restored struct {
 	exited   chan struct{} // closed when the stub has been reaped
 	// cloneGone is closed when the clone has exited.
 	cloneGone chan struct{}
+	// building is set until the clone is detached (see fail).
+	building atomic.Bool
 	// unpin ends the goroutine whose OS thread forked the stub.
 	unpin     chan struct{}
 	unpinOnce sync.Once
@@ -132,6 +135,7 @@ func Restore(ctx context.Context, o RestoreOptions) (*Restored, error) {
 	// (DESIGN §3, monitor death); Serve disarms it once all are local.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Cloneflags: unix.CLONE_NEWPID, Pdeathsig: unix.SIGKILL, Setsid: true}
 	r := &Restored{Image: img, NSPid: p.Pid, init: cmd, errc: make(chan error, 1), exited: make(chan struct{}), unpin: make(chan struct{}), cloneGone: make(chan struct{})}
+	r.building.Store(true)
 	if err := r.startStub(); err != nil {
 		return nil, fmt.Errorf("start restore stub: %w", err)
 	}
@@ -184,7 +188,24 @@ func (r *Restored) build(ctx context.Context, o RestoreOptions, p *image.Process
 	r.Phases = append(r.Phases, Phase{"stub", time.Since(t0)})
 	m := &morph{tr: child, x: child, p: p, img: r.Image, pages: pages, o: o, r: r, hole: hole}
 	err = m.run(ctx) // starts the pager once lazy memory is registered
-	if derr := child.Detach(); derr != nil && err == nil {
+	if err == nil {
+		select {
+		case perr := <-r.errc:
+			err = fmt.Errorf("pager: %w", perr)
+		default:
+		}
+	}
+	if err != nil {
+		// Never let a half-made clone run: kill it while it is still
+		// stopped under ptrace.
+		kerr := child.Kill()
+		if child != initTr {
+			kerr = errors.Join(kerr, initTr.Kill())
+		}
+		return errors.Join(err, kerr)
+	}
+	r.building.Store(false)
+	if derr := child.Detach(); derr != nil {
 		err = fmt.Errorf("detach clone: %w", derr)
 	}
 	if child != initTr {
@@ -262,6 +283,15 @@ func (r *Restored) fail(err error) {
 	select {
 	case r.errc <- err:
 	default:
+	}
+	if r.building.Load() {
+		// The clone is stopped under ptrace, maybe in an injected
+		// syscall that faulted: a SIGKILL now would leave the tracer
+		// waiting for a thread-group leader that cannot be reaped
+		// before its siblings. Closing the uffd wakes the fault; build
+		// sees the error and kills the clone before it runs.
+		r.u.Close()
+		return
 	}
 	r.Kill()
 }
