@@ -318,6 +318,7 @@ func (r *Restored) Serve(ctx context.Context) error {
 	if gone {
 		r.loop.Stop()
 		r.wg.Wait()
+		r.loop.Close()
 		r.pager.closeChildren()
 		r.u.Close()
 		return ErrCloneExited
@@ -329,6 +330,7 @@ func (r *Restored) Serve(ctx context.Context) error {
 	}
 	r.loop.Stop()
 	r.wg.Wait()
+	r.loop.Close()
 	if err == nil {
 		select {
 		case err = <-r.errc:

@@ -332,6 +332,7 @@ func (s *Snapshot) closeWindow() {
 		if s.loop != nil {
 			s.loop.Stop()
 			<-s.loopDone
+			s.loop.Close() // its epoll fd and eventfd
 		}
 		// Nothing is protected any more. Close the uffd now: while it
 		// is open the target's mremap waits for someone to read its
