@@ -221,19 +221,33 @@ func findHole(cur []procfs.Mapping, vmas []image.Vma, size uint64) (uint64, erro
 
 // mapMemory creates every mapping at its address and writes eager pages.
 func (m *morph) mapMemory(ctx context.Context) error {
+	// A library has four or five mappings: open each file once (every
+	// injected syscall is a round trip to the tracee).
+	files := map[fileKey]int{}
+	defer func() {
+		for _, fd := range files {
+			m.sys(0, unix.SYS_CLOSE, uintptr(fd))
+		}
+	}()
 	for _, v := range m.p.Vmas {
 		switch v.Kind {
 		case image.VmaVDSO, image.VmaVVar, image.VmaVVarVclock, image.VmaVsyscall:
 			continue
 		}
-		if err := m.mapOne(v); err != nil {
+		if err := m.mapOne(v, files); err != nil {
 			return fmt.Errorf("mapping %#x-%#x %s%s: %w", v.Start, v.End, v.Name, v.Path, err)
 		}
 	}
 	return nil
 }
 
-func (m *morph) mapOne(v image.Vma) error {
+// fileKey names a file opened in the clone for its mappings.
+type fileKey struct {
+	path string
+	mode int
+}
+
+func (m *morph) mapOne(v image.Vma, files map[fileKey]int) error {
 	eager := false
 	for _, r := range v.Runs {
 		eager = eager || r.Where == image.InPages
@@ -261,6 +275,11 @@ func (m *morph) mapOne(v image.Vma) error {
 		if v.Shared && v.Prot&unix.PROT_WRITE != 0 {
 			mode = unix.O_RDWR
 		}
+		k := fileKey{v.Path, mode}
+		if open, ok := files[k]; ok {
+			fd = open
+			break
+		}
 		path, err := m.str(v.Path)
 		if err != nil {
 			return err
@@ -270,7 +289,7 @@ func (m *morph) mapOne(v image.Vma) error {
 			return fmt.Errorf("open %s: %w", v.Path, err)
 		}
 		fd = int(tfd)
-		defer m.sys(0, unix.SYS_CLOSE, uintptr(fd))
+		files[k] = fd
 	default:
 		return fmt.Errorf("kind %q: %w", v.Kind, ErrUnsupported)
 	}
