@@ -131,6 +131,19 @@ func (d *dumper) pin(p *image.Process, runs []pinRun, vmas []image.Vma) (*Snapsh
 	}
 	d.img.Stats.PagesTotal += s.pagesLazy
 
+	// The store must exist before the fault loop runs: a fault during the
+	// freeze (the kernel's rseq update) may already drain a pipe.
+	if d.o.Mode == image.ModeLive {
+		total := uint64(0)
+		if n := len(s.pipes); n > 0 {
+			total = s.pipes[n-1].base + s.pipes[n-1].n
+		}
+		var err error
+		s.store, err = unix.Mmap(-1, 0, int(total), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS|unix.MAP_NORESERVE)
+		if err != nil {
+			return nil, fmt.Errorf("map snapshot store of %d bytes: %w", total, err)
+		}
+	}
 	// The uffd must be created inside the target: it acts on the mm of
 	// its creator (DESIGN §3).
 	f, err := d.tr.NewUffd(unix.O_CLOEXEC | unix.O_NONBLOCK)
@@ -162,16 +175,6 @@ func (d *dumper) pin(p *image.Process, runs []pinRun, vmas []image.Vma) (*Snapsh
 		return nil, err
 	}
 	d.mark("writeprotect")
-	if d.o.Mode == image.ModeLive {
-		total := uint64(0)
-		if n := len(s.pipes); n > 0 {
-			total = s.pipes[n-1].base + s.pipes[n-1].n
-		}
-		s.store, err = unix.Mmap(-1, 0, int(total), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS|unix.MAP_NORESERVE)
-		if err != nil {
-			return nil, fmt.Errorf("map snapshot store of %d bytes: %w", total, err)
-		}
-	}
 	ok = true
 	return s, nil
 }
@@ -367,6 +370,9 @@ func (s *Snapshot) drain(i int) error {
 		return ErrReleased
 	}
 	var err error
+	if s.store == nil && s.pages == nil {
+		return fmt.Errorf("drain pin pipe %d: no store to drain into", i)
+	}
 	if s.store != nil {
 		_, err = io.ReadFull(pp.r, s.store[pp.base:pp.base+pp.n])
 	} else {
