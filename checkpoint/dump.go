@@ -392,15 +392,6 @@ func unsupported(pid, fd int, what string) error {
 	return fmt.Errorf("pid %d fd %d: %s: %w", pid, fd, what, ErrUnsupported)
 }
 
-func hasPrefixAny(s string, prefixes ...string) bool {
-	for _, p := range prefixes {
-		if strings.HasPrefix(s, p) {
-			return true
-		}
-	}
-	return false
-}
-
 // children lists the child processes of every thread of pid.
 func children(pid int) []int {
 	var out []int

@@ -414,7 +414,6 @@ func (m *morph) lazyMemory(ctx context.Context) error {
 		return fmt.Errorf("fault loop: %w", err)
 	}
 	m.r.pager = pg
-	m.r.lazyVmas = vmas
 	m.r.startPager(ctx, m.o)
 	return nil
 }

@@ -67,14 +67,12 @@ type Restored struct {
 
 	init *exec.Cmd // the stub, pid 1 of the clone's namespace
 	// Lazy phase (live images only).
-	u    *uffd.FD
-	lazy *uffd.Lazy
-	loop *uffd.Loop
-	wg   sync.WaitGroup
-	errc chan error // first pager error
-	// lazyVmas are the ranges registered for MISSING faults.
-	lazyVmas []image.Vma
-	pager    *pager
+	u     *uffd.FD
+	lazy  *uffd.Lazy
+	loop  *uffd.Loop
+	wg    sync.WaitGroup
+	errc  chan error // first pager error
+	pager *pager
 
 	killOnce sync.Once
 	exited   chan struct{} // closed when the stub has been reaped
@@ -103,7 +101,7 @@ func Restore(ctx context.Context, o RestoreOptions) (*Restored, error) {
 	if p.Creds.Seccomp == 2 && !o.AllowSeccomp {
 		return nil, fmt.Errorf("process %d ran under a seccomp filter, which a host restore cannot reinstall: %w", p.Pid, ErrUnsupported)
 	}
-	if img.Mode == image.ModeLive && o.Fetcher == nil {
+	if img.Stats.PagesLazy > 0 && o.Fetcher == nil {
 		return nil, errors.New("restore live image: no page fetcher")
 	}
 	if err := checkVDSO(img); err != nil {
@@ -141,11 +139,6 @@ func Restore(ctx context.Context, o RestoreOptions) (*Restored, error) {
 	}
 	go r.reap()
 	if err := r.build(ctx, o, p, pages); err != nil {
-		select {
-		case perr := <-r.errc:
-			err = errors.Join(err, fmt.Errorf("pager: %w", perr))
-		default:
-		}
 		r.Kill()
 		return nil, fmt.Errorf("restore pid %d: %w", p.Pid, err)
 	}

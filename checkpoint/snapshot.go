@@ -54,8 +54,6 @@ type Snapshot struct {
 	released bool
 	// err is the first drain error; the snapshot cannot serve after it.
 	err error
-	// doneClients counts Done calls from clients that fetched everything.
-	doneClients int
 	// moves maps addresses the target mremapped pages to back to their
 	// snapshot addresses.
 	moves moveMap
@@ -503,20 +501,6 @@ func (s *Snapshot) Proc() uint32 { return s.proc }
 
 // PagesLazy is the number of pages served by the page server.
 func (s *Snapshot) PagesLazy() uint64 { return s.pagesLazy }
-
-// ClientDone records that a client has every page.
-func (s *Snapshot) ClientDone() {
-	s.mu.Lock()
-	s.doneClients++
-	s.mu.Unlock()
-}
-
-// DoneClients is the number of clients that fetched everything.
-func (s *Snapshot) DoneClients() int {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.doneClients
-}
 
 func (s *Snapshot) setErr(err error) {
 	s.mu.Lock()

@@ -36,9 +36,8 @@ type Source struct {
 	snap   *checkpoint.Snapshot
 	served chan error // Serve's result
 
-	mu       sync.Mutex // guards the fields below
-	done     int        // clients that fetched everything
-	lastDone time.Time
+	mu       sync.Mutex    // guards the fields below
+	done     int           // clients that fetched everything
 	released chan struct{} // closed by release
 	relOnce  sync.Once
 }
@@ -176,10 +175,8 @@ func (p *pageSource) ReadPages(ctx context.Context, proc uint32, addr uint64, bu
 }
 
 func (p *pageSource) ClientDone(clientID string, proc uint32) {
-	p.s.snap.ClientDone()
 	p.s.mu.Lock()
 	p.s.done++
-	p.s.lastDone = time.Now()
 	p.s.mu.Unlock()
 }
 
@@ -236,7 +233,8 @@ func Restore(ctx context.Context, ro checkpoint.RestoreOptions) (*Restoring, err
 		return nil, fmt.Errorf("read image %s: %w", ro.Dir, err)
 	}
 	r := &Restoring{}
-	if img.Mode == image.ModeLive {
+	// A live snapshot with no lazy page has no page server to talk to.
+	if img.Mode == image.ModeLive && img.Stats.PagesLazy > 0 {
 		r.c, err = transport.Dial(ctx, img.Endpoint, img.Token, clientID("restore"), nil)
 		if err != nil {
 			return nil, fmt.Errorf("connect to page server %s: %w", img.Endpoint, err)
