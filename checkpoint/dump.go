@@ -300,39 +300,50 @@ func (d *dumper) threads(p *image.Process) error {
 		if err != nil {
 			return fmt.Errorf("thread %d: read sigmask: %w", tid, err)
 		}
-		t := image.Thread{Tid: nsTid(d.pid, tid), Regs: regsToImage(r), XState: xs, SigMask: mask}
+		t := image.Thread{Tid: tid, Regs: regsToImage(r), XState: xs, SigMask: mask}
+		if st, err := procfs.ReadStatus(d.pid, tid); err == nil {
+			// The tid the thread sees is the innermost NSpid.
+			if len(st.NSpid) > 0 {
+				t.Tid = st.NSpid[len(st.NSpid)-1]
+			}
+			t.Comm = st.Name
+		}
 		if rs, err := d.tr.Rseq(tid); err == nil && rs.Addr != 0 {
 			t.RseqAddr, t.RseqLen, t.RseqSig = rs.Addr, rs.Len, rs.Sig
 		} else if err != nil {
 			return fmt.Errorf("thread %d: read rseq: %w", tid, err)
 		}
-		// sigaltstack(NULL, &old) and prctl(PR_GET_TID_ADDRESS, &addr)
-		// run in the thread itself: both are per-thread state.
-		if _, err := d.tr.Syscall(tid, unix.SYS_SIGALTSTACK, 0, uintptr(scratch)); err != nil {
-			return fmt.Errorf("thread %d: read sigaltstack: %w", tid, err)
-		}
-		var ss [24]byte
-		if err := d.tr.ReadMem(scratch, ss[:]); err != nil {
-			return fmt.Errorf("thread %d: read sigaltstack: %w", tid, err)
-		}
-		t.AltStackSP = le64(ss[0:])
-		t.AltStackFl = int32(le32(ss[8:]))
-		t.AltStackSz = le64(ss[16:])
-		if _, err := d.tr.Syscall(tid, unix.SYS_PRCTL, prGetTidAddress, uintptr(scratch)); err != nil {
-			return fmt.Errorf("thread %d: read tid address: %w", tid, err)
-		}
-		var ta [8]byte
-		if err := d.tr.ReadMem(scratch, ta[:]); err != nil {
-			return fmt.Errorf("thread %d: read tid address: %w", tid, err)
-		}
-		t.TidAddress = le64(ta[:])
-		if b, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%d/comm", d.pid, tid)); err == nil {
-			t.Comm = strings.TrimSuffix(string(b), "\n")
-		}
 		if t.Pending, err = d.pending(tid, false); err != nil {
 			return err
 		}
 		p.Threads = append(p.Threads, t)
+	}
+	// sigaltstack(NULL, &old) and prctl(PR_GET_TID_ADDRESS, &addr) run in
+	// each thread itself (per-thread state), in one hand-off to the
+	// tracer: this is freeze time.
+	tids := d.tr.Threads() // not inside Batch: Process methods would deadlock there
+	err = d.tr.Batch(func(b *inject.Batch) error {
+		for i, tid := range tids {
+			t := &p.Threads[i]
+			if _, err := b.Syscall(tid, unix.SYS_SIGALTSTACK, 0, uintptr(scratch)); err != nil {
+				return fmt.Errorf("thread %d: read sigaltstack: %w", tid, err)
+			}
+			if _, err := b.Syscall(tid, unix.SYS_PRCTL, prGetTidAddress, uintptr(scratch+24)); err != nil {
+				return fmt.Errorf("thread %d: read tid address: %w", tid, err)
+			}
+			var out [32]byte
+			if err := b.ReadMem(scratch, out[:]); err != nil {
+				return fmt.Errorf("thread %d: read sigaltstack and tid address: %w", tid, err)
+			}
+			t.AltStackSP = le64(out[0:])
+			t.AltStackFl = int32(le32(out[8:]))
+			t.AltStackSz = le64(out[16:])
+			t.TidAddress = le64(out[24:])
+		}
+		return nil
+	})
+	if err != nil {
+		return err
 	}
 	shared, err := d.pending(d.pid, true)
 	p.SharedPending = shared
@@ -354,38 +365,30 @@ func (d *dumper) pending(tid int, shared bool) ([]image.Siginfo, error) {
 	return out, nil
 }
 
-// nsTid maps a host tid of pid's threads to the tid inside its pid
-// namespace (the last NSpid entry).
-func nsTid(pid, tid int) int {
-	st, err := procfs.ReadStatus(pid, tid)
-	if err != nil || len(st.NSpid) == 0 {
-		return tid
-	}
-	return st.NSpid[len(st.NSpid)-1]
-}
-
 func (d *dumper) sigactions(p *image.Process, st *procfs.Status) error {
 	scratch, err := d.tr.Scratch()
 	if err != nil {
 		return err
 	}
 	set := st.SigCgt | st.SigIgn
-	for sig := 1; sig <= 64; sig++ {
-		if set&(1<<(sig-1)) == 0 || sig == int(unix.SIGKILL) || sig == int(unix.SIGSTOP) {
-			continue
+	return d.tr.Batch(func(b *inject.Batch) error {
+		for sig := 1; sig <= 64; sig++ {
+			if set&(1<<(sig-1)) == 0 || sig == int(unix.SIGKILL) || sig == int(unix.SIGSTOP) {
+				continue
+			}
+			// rt_sigaction(sig, NULL, &old, 8): struct kernel_sigaction is
+			// handler, flags, restorer, mask (4 words).
+			if _, err := b.Syscall(0, unix.SYS_RT_SIGACTION, uintptr(sig), 0, uintptr(scratch), 8); err != nil {
+				return fmt.Errorf("read sigaction %d: %w", sig, err)
+			}
+			var w [32]byte
+			if err := b.ReadMem(scratch, w[:]); err != nil {
+				return fmt.Errorf("read sigaction %d: %w", sig, err)
+			}
+			p.Sigacts = append(p.Sigacts, image.Sigaction{Signo: sig, Handler: le64(w[0:]), Flags: le64(w[8:]), Restorer: le64(w[16:]), Mask: le64(w[24:])})
 		}
-		// rt_sigaction(sig, NULL, &old, 8): struct kernel_sigaction is
-		// handler, flags, restorer, mask (4 words).
-		if _, err := d.tr.Syscall(0, unix.SYS_RT_SIGACTION, uintptr(sig), 0, uintptr(scratch), 8); err != nil {
-			return fmt.Errorf("read sigaction %d: %w", sig, err)
-		}
-		var b [32]byte
-		if err := d.tr.ReadMem(scratch, b[:]); err != nil {
-			return fmt.Errorf("read sigaction %d: %w", sig, err)
-		}
-		p.Sigacts = append(p.Sigacts, image.Sigaction{Signo: sig, Handler: le64(b[0:]), Flags: le64(b[8:]), Restorer: le64(b[16:]), Mask: le64(b[24:])})
-	}
-	return nil
+		return nil
+	})
 }
 
 func unsupported(pid, fd int, what string) error {
