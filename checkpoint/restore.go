@@ -53,6 +53,12 @@ type RestoreOptions struct {
 	// without that filter: only for callers (the shim) whose container
 	// runtime installs it.
 	AllowSeccomp bool
+	// Stub, if set, is the host pid of a process already running the
+	// restore stub (StubELF) as pid 1 of its own pid namespace: a
+	// container's init that the container runtime created. It is morphed
+	// (or the clone made out of it) instead of a stub of our own; its
+	// owner reaps it, and the clone does not die with the restorer.
+	Stub int
 }
 
 // Restored is a running clone.
@@ -65,7 +71,9 @@ type Restored struct {
 	// Phases are the durations of the restore's steps.
 	Phases []Phase
 
-	init *exec.Cmd // the stub, pid 1 of the clone's namespace
+	init    *exec.Cmd // the stub we started; nil for RestoreOptions.Stub
+	stubPid int       // the stub, pid 1 of the clone's namespace
+	stubFd  int       // pidfd of the stub (kills never hit a reused pid)
 	// Lazy phase (live images only).
 	u     *uffd.FD
 	lazy  *uffd.Lazy
@@ -114,30 +122,43 @@ func Restore(ctx context.Context, o RestoreOptions) (*Restored, error) {
 	if pages != nil {
 		defer pages.Close()
 	}
-	workDir := o.WorkDir
-	if workDir == "" {
-		workDir = os.TempDir()
-	}
-	stubDir, err := os.MkdirTemp(workDir, "cowmig-restore-")
-	if err != nil {
-		return nil, fmt.Errorf("create stub dir: %w", err)
-	}
-	defer os.RemoveAll(stubDir)
-	stub, err := WriteStub(stubDir)
-	if err != nil {
-		return nil, err
-	}
-	cmd := exec.Command(stub)
-	cmd.Stdin, cmd.Stdout, cmd.Stderr = o.Stdin, o.Stdout, o.Stderr
-	// Pdeathsig: while pages are lazy the clone must die with its pager
-	// (DESIGN §3, monitor death); Serve disarms it once all are local.
-	cmd.SysProcAttr = &syscall.SysProcAttr{Cloneflags: unix.CLONE_NEWPID, Pdeathsig: unix.SIGKILL, Setsid: true}
-	r := &Restored{Image: img, NSPid: p.Pid, init: cmd, errc: make(chan error, 1), exited: make(chan struct{}), unpin: make(chan struct{}), cloneGone: make(chan struct{})}
+	r := &Restored{Image: img, NSPid: p.Pid, stubFd: -1, errc: make(chan error, 1), exited: make(chan struct{}), unpin: make(chan struct{}), cloneGone: make(chan struct{})}
 	r.building.Store(true)
-	if err := r.startStub(); err != nil {
-		return nil, fmt.Errorf("start restore stub: %w", err)
+	if o.Stub != 0 {
+		if err := r.adoptStub(o.Stub); err != nil {
+			return nil, err
+		}
+		go func() {
+			waitExit(r.stubPid, r.exited)
+			unix.Close(r.stubFd)
+		}()
+	} else {
+		workDir := o.WorkDir
+		if workDir == "" {
+			workDir = os.TempDir()
+		}
+		stubDir, err := os.MkdirTemp(workDir, "cowmig-restore-")
+		if err != nil {
+			return nil, fmt.Errorf("create stub dir: %w", err)
+		}
+		defer os.RemoveAll(stubDir)
+		stub, err := WriteStub(stubDir)
+		if err != nil {
+			return nil, err
+		}
+		cmd := exec.Command(stub)
+		cmd.Stdin, cmd.Stdout, cmd.Stderr = o.Stdin, o.Stdout, o.Stderr
+		// Pdeathsig: while pages are lazy the clone must die with its
+		// pager (DESIGN §3, monitor death); Serve disarms it once all
+		// are local.
+		cmd.SysProcAttr = &syscall.SysProcAttr{Cloneflags: unix.CLONE_NEWPID, Pdeathsig: unix.SIGKILL, Setsid: true}
+		r.init = cmd
+		if err := r.startStub(); err != nil {
+			return nil, fmt.Errorf("start restore stub: %w", err)
+		}
+		r.stubPid = cmd.Process.Pid
+		go r.reap()
 	}
-	go r.reap()
 	if err := r.build(ctx, o, p, pages); err != nil {
 		r.Kill()
 		return nil, fmt.Errorf("restore pid %d: %w", p.Pid, err)
@@ -150,13 +171,13 @@ func Restore(ctx context.Context, o RestoreOptions) (*Restored, error) {
 // build clones the process out of the stub and morphs it.
 func (r *Restored) build(ctx context.Context, o RestoreOptions, p *image.Process, pages *os.File) (err error) {
 	t0 := time.Now()
-	initTr, err := inject.Seize(r.init.Process.Pid, inject.Options{SuspendSeccomp: true, TraceClone: true})
+	initTr, err := inject.Seize(r.stubPid, inject.Options{SuspendSeccomp: true, TraceClone: true})
 	if err != nil {
 		return fmt.Errorf("seize stub: %w", err)
 	}
 	// The child inherits the stub's scratch mapping: place it in a hole
 	// of both the stub's and the image's layouts before the clone.
-	cur, err := procfs.Maps(r.init.Process.Pid)
+	cur, err := procfs.Maps(r.stubPid)
 	if err != nil {
 		return errors.Join(fmt.Errorf("read stub maps: %w", err), initTr.Detach())
 	}
@@ -341,6 +362,18 @@ func (r *Restored) Serve(ctx context.Context) error {
 	return r.disarm()
 }
 
+// UffdFd is the number, in this process, of the clone's userfaultfd
+// while pages are lazy (-1 without lazy pages or once it is closed). A
+// supervisor that takes a copy (pidfd_getfd) keeps the clone's faults
+// blocked, not zero-filled, should this process die; it must close its
+// copy when this process exits.
+func (r *Restored) UffdFd() int {
+	if r.u == nil {
+		return -1
+	}
+	return r.u.Fd()
+}
+
 // Remaining is the bytes of lazy pages not yet local.
 func (r *Restored) Remaining() uint64 {
 	if r.lazy == nil {
@@ -352,7 +385,12 @@ func (r *Restored) Remaining() uint64 {
 // disarm clears the stub's parent-death signal so the clone outlives its
 // restorer.
 func (r *Restored) disarm() error {
-	tr, err := inject.Seize(r.init.Process.Pid, inject.Options{SuspendSeccomp: true})
+	if r.init == nil {
+		// An adopted stub never had a parent-death signal of ours.
+		r.release()
+		return nil
+	}
+	tr, err := inject.Seize(r.stubPid, inject.Options{SuspendSeccomp: true})
 	if err != nil {
 		return fmt.Errorf("seize stub to disarm: %w", err)
 	}
@@ -417,9 +455,42 @@ func waitExit(pid int, done chan struct{}) {
 // Kill kills the clone and its namespace (SIGKILL to the stub, pid 1).
 func (r *Restored) Kill() {
 	r.killOnce.Do(func() {
-		r.init.Process.Kill()
+		if r.init != nil {
+			r.init.Process.Kill()
+		} else {
+			unix.PidfdSendSignal(r.stubFd, unix.SIGKILL, nil, 0)
+		}
 		r.release()
 	})
+}
+
+// adoptStub takes pid, which must run the restore stub as pid 1 of its
+// pid namespace, as the clone's stub.
+func (r *Restored) adoptStub(pid int) error {
+	fd, err := unix.PidfdOpen(pid, 0)
+	if err != nil {
+		return fmt.Errorf("open stub pid %d: %w", pid, err)
+	}
+	st, err := procfs.ReadStatus(pid, pid)
+	if err != nil {
+		unix.Close(fd)
+		return fmt.Errorf("read stub pid %d status: %w", pid, err)
+	}
+	if len(st.NSpid) == 0 || st.NSpid[len(st.NSpid)-1] != 1 {
+		unix.Close(fd)
+		return fmt.Errorf("stub pid %d is not pid 1 of its namespace (NSpid %v)", pid, st.NSpid)
+	}
+	maps, err := procfs.Maps(pid)
+	if err != nil {
+		unix.Close(fd)
+		return fmt.Errorf("read stub pid %d maps: %w", pid, err)
+	}
+	if len(maps) == 0 || maps[0].Start != stubBase {
+		unix.Close(fd)
+		return fmt.Errorf("pid %d does not run the restore stub", pid)
+	}
+	r.stubPid, r.stubFd = pid, fd
+	return nil
 }
 
 // Wait waits until the clone's namespace is gone. It returns the stub's

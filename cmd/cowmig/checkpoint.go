@@ -6,6 +6,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"github.com/cowmig/cowmig/internal/daemon"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -132,15 +133,15 @@ func stats(c *checkpointFlags, src *live.Source) checkpointStats {
 func checkpointDaemon(args []string) error {
 	var c checkpointFlags
 	if err := c.parse(args); err != nil {
-		return reportFailure(err)
+		return daemon.ReportFailure(err)
 	}
 	src, err := live.Checkpoint(context.Background(), c.pid, c.options())
 	if err != nil {
-		return reportFailure(err)
+		return daemon.ReportFailure(err)
 	}
 	st := stats(&c, src)
 	st.ServerPid = os.Getpid()
-	report(st)
+	daemon.Report(st)
 	err = src.Wait(context.Background(), c.ttl, c.maxAge)
 	return errors.Join(err, src.Close())
 }

@@ -9,6 +9,7 @@ package main
 
 import (
 	"fmt"
+	"github.com/cowmig/cowmig/internal/daemon"
 	"os"
 )
 
@@ -27,10 +28,10 @@ func main() {
 	case "release":
 		err = runRelease(os.Args[2:])
 	case daemonCheckpoint:
-		daemonInit()
+		daemon.Init()
 		err = checkpointDaemon(os.Args[2:])
 	case daemonRestore:
-		daemonInit()
+		daemon.Init()
 		err = restoreDaemon(os.Args[2:])
 	case "-h", "--help", "help":
 		usage()
@@ -43,9 +44,9 @@ func main() {
 		if os.Args[1] == daemonCheckpoint || os.Args[1] == daemonRestore {
 			// A daemon's stderr may be the clone's: its starter reports
 			// the error; the log keeps it.
-			out = daemonLog()
+			out = daemon.Log()
 		}
-		fmt.Fprintf(out, "cowmig %s: %v\n", os.Args[1], oneLine(err))
+		fmt.Fprintf(out, "cowmig %s: %v\n", os.Args[1], daemon.OneLine(err))
 		os.Exit(1)
 	}
 }
@@ -58,15 +59,4 @@ func usage() {
   cowmig release --image DIR
 `)
 	os.Exit(2)
-}
-
-func oneLine(err error) string {
-	s := err.Error()
-	b := []byte(s)
-	for i := range b {
-		if b[i] == '\n' {
-			b[i] = ';'
-		}
-	}
-	return string(b)
 }

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"github.com/cowmig/cowmig/internal/daemon"
 	"os"
 	"path/filepath"
 	"time"
@@ -90,12 +91,12 @@ func runRestore(args []string) error {
 func restoreDaemon(args []string) error {
 	var rf restoreFlags
 	if err := rf.parse(args); err != nil {
-		return reportFailure(err)
+		return daemon.ReportFailure(err)
 	}
 	ctx := context.Background()
 	r, err := live.Restore(ctx, checkpoint.RestoreOptions{Dir: rf.dir, Stdin: os.Stdin, Stdout: os.Stdout, Stderr: os.Stderr})
 	if err != nil {
-		return reportFailure(err)
+		return daemon.ReportFailure(err)
 	}
 	st := restoreStats{Pid: r.Pid, NSPid: r.NSPid, RestoreMs: float64(r.Duration.Microseconds()) / 1000,
 		Mode: string(r.Image.Mode), LazyPages: r.Image.Stats.PagesLazy, PagerPid: os.Getpid()}
@@ -103,8 +104,8 @@ func restoreDaemon(args []string) error {
 	for _, p := range r.Phases {
 		st.PhasesMs[p.Name] += float64(p.D.Microseconds()) / 1000
 	}
-	report(st)
-	log := daemonLog()
+	daemon.Report(st)
+	log := daemon.Log()
 	start := time.Now()
 	if err := r.Serve(ctx); errors.Is(err, checkpoint.ErrCloneExited) {
 		fmt.Fprintf(log, "cowmig pager: pid %d exited after %v, before all its pages were local\n", r.Pid, time.Since(start))

@@ -9,6 +9,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"sync"
 	"time"
@@ -68,6 +69,10 @@ func Checkpoint(ctx context.Context, pid int, o CheckpointOptions) (*Source, err
 		return nil, err
 	}
 	o.Endpoint, o.Token = o.Listen, token
+	if a, ok := l.Addr().(*net.TCPAddr); ok {
+		// tcp:HOST:0 picks a port: clients need the one picked.
+		o.Endpoint = "tcp:" + a.String()
+	}
 	if o.Advertise != "" {
 		o.Endpoint = o.Advertise
 	}

@@ -1,0 +1,210 @@
+package shim
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+
+	taskAPI "github.com/containerd/containerd/api/runtime/task/v3"
+	"github.com/containerd/containerd/api/types/runc/options"
+	"github.com/containerd/containerd/api/types/task"
+	"github.com/containerd/containerd/v2/pkg/sys/reaper"
+	"github.com/containerd/errdefs"
+	"github.com/containerd/log"
+	"github.com/containerd/typeurl/v2"
+
+	"github.com/cowmig/cowmig/checkpoint/image"
+	"github.com/cowmig/cowmig/internal/daemon"
+)
+
+// RequestFile is the name, in CheckpointOptions.WorkPath, of a
+// CheckpointRequest: how cowmig's CLI asks for what runc's checkpoint
+// options cannot say (containerd only passes those to a shim).
+const RequestFile = "cowmig-request.json"
+
+// StatsFile is the name, in the checkpoint directory and in WorkPath when
+// given, of the checkpoint's CheckpointStats.
+const StatsFile = "cowmig-stats.json"
+
+// CheckpointRequest overrides the config for one checkpoint.
+type CheckpointRequest struct {
+	Mode      string   `json:"mode,omitempty"`
+	Listen    string   `json:"listen,omitempty"`
+	Advertise string   `json:"advertise,omitempty"`
+	TTL       Duration `json:"ttl,omitempty"`
+	MaxAge    Duration `json:"max_age,omitempty"`
+}
+
+// CheckpointStats describe a checkpoint (the CLI's --json output).
+type CheckpointStats struct {
+	Mode       string             `json:"mode"`
+	Image      string             `json:"image"`
+	Pid        int                `json:"pid"`
+	FreezeMs   float64            `json:"freeze_ms"`
+	PagesTotal uint64             `json:"pages_total"`
+	PagesEager uint64             `json:"pages_eager"`
+	PagesLazy  uint64             `json:"pages_lazy"`
+	Endpoint   string             `json:"endpoint,omitempty"`
+	ServerPid  int                `json:"server_pid,omitempty"`
+	PhasesMs   map[string]float64 `json:"phases_ms,omitempty"`
+	// CheckpointMs is the shim's whole Checkpoint call, as containerd
+	// waits for it.
+	CheckpointMs float64 `json:"checkpoint_ms,omitempty"`
+	Log          string  `json:"log,omitempty"`
+}
+
+// checkpoint snapshots the container's process into r.Path.
+func (s *service) checkpoint(ctx context.Context, r *taskAPI.CheckpointTaskRequest) error {
+	start := time.Now()
+	var opts options.CheckpointOptions
+	if r.Options != nil {
+		if err := typeurl.UnmarshalTo(r.Options, &opts); err != nil {
+			return fmt.Errorf("decode checkpoint options: %w", err)
+		}
+	}
+	req, err := readRequest(opts.WorkPath)
+	if err != nil {
+		return err
+	}
+	st, err := s.TTRPCTaskService.State(ctx, &taskAPI.StateRequest{ID: r.ID})
+	if err != nil {
+		return fmt.Errorf("task state: %w", err)
+	}
+	if st.Status != task.Status_RUNNING && st.Status != task.Status_PAUSED {
+		return fmt.Errorf("task is %s, not running: %w", st.Status, errdefs.ErrFailedPrecondition)
+	}
+	pids, err := s.TTRPCTaskService.Pids(ctx, &taskAPI.PidsRequest{ID: r.ID})
+	if err != nil {
+		return fmt.Errorf("task pids: %w", err)
+	}
+	if len(pids.Processes) != 1 {
+		var list []string
+		for _, p := range pids.Processes {
+			list = append(list, fmt.Sprint(p.Pid))
+		}
+		return fmt.Errorf("the container runs %d processes (%s); cowmig snapshots single-process containers: %w",
+			len(pids.Processes), strings.Join(list, " "), errdefs.ErrNotImplemented)
+	}
+	if st.Status == task.Status_PAUSED {
+		// ctr and nerdctl pause the task around a checkpoint. A frozen
+		// cgroup would keep the engine's ptrace stops from happening,
+		// and the engine freezes the process itself, for less time:
+		// resume now and let the client's Resume be a no-op.
+		if _, err := s.TTRPCTaskService.Resume(ctx, &taskAPI.ResumeRequest{ID: r.ID}); err != nil {
+			return fmt.Errorf("resume paused task for the snapshot: %w", err)
+		}
+		s.mu.Lock()
+		s.resumed[r.ID] = true
+		s.mu.Unlock()
+	}
+	stats, err := s.runCheckpointDaemon(ctx, r.ID, int(st.Pid), r.Path, req)
+	if err != nil {
+		return err
+	}
+	if opts.Exit {
+		// Migration: the snapshot is safe (pinned in the page server),
+		// so the task may go now.
+		if _, err := s.TTRPCTaskService.Kill(ctx, &taskAPI.KillRequest{ID: r.ID, Signal: uint32(syscall.SIGKILL), All: true}); err != nil {
+			return fmt.Errorf("stop task after checkpoint (exit): %w", err)
+		}
+	}
+	stats.CheckpointMs = float64(time.Since(start).Microseconds()) / 1000
+	log.G(ctx).WithField("id", r.ID).Infof("cowmig checkpoint: %s, froze %.2f ms, %d pages (%d lazy) served at %s",
+		stats.Mode, stats.FreezeMs, stats.PagesTotal, stats.PagesLazy, stats.Endpoint)
+	b, _ := json.Marshal(stats)
+	for _, dir := range []string{r.Path, opts.WorkPath} {
+		if dir == "" {
+			continue
+		}
+		if err := os.WriteFile(filepath.Join(dir, StatsFile), b, 0o600); err != nil {
+			return fmt.Errorf("write checkpoint stats: %w", err)
+		}
+	}
+	return nil
+}
+
+// readRequest reads the CLI's request from workPath, if there is one.
+func readRequest(workPath string) (CheckpointRequest, error) {
+	var req CheckpointRequest
+	if workPath == "" {
+		return req, nil
+	}
+	b, err := os.ReadFile(filepath.Join(workPath, RequestFile))
+	if errors.Is(err, os.ErrNotExist) {
+		return req, nil
+	}
+	if err != nil {
+		return req, fmt.Errorf("read checkpoint request: %w", err)
+	}
+	if err := json.Unmarshal(b, &req); err != nil {
+		return req, fmt.Errorf("decode checkpoint request %s: %w", RequestFile, err)
+	}
+	if req.Mode != "" && !image.Mode(req.Mode).Valid() {
+		return req, fmt.Errorf("checkpoint request: mode %q: want live, full or stop", req.Mode)
+	}
+	return req, nil
+}
+
+// runCheckpointDaemon runs the checkpoint in a daemon of this executable
+// that then serves the snapshot: its uffd and pins must live in the
+// process that serves them, and the page server must outlive the task
+// and this shim (which exits once the task is deleted).
+func (s *service) runCheckpointDaemon(ctx context.Context, id string, pid int, dir string, req CheckpointRequest) (CheckpointStats, error) {
+	var stats CheckpointStats
+	cfg := s.cfg
+	if req.Listen != "" {
+		cfg.Listen, cfg.Advertise = req.Listen, req.Advertise
+	}
+	if req.TTL.Duration != 0 {
+		cfg.TTL = req.TTL
+	}
+	if req.MaxAge.Duration != 0 {
+		cfg.MaxAge = req.MaxAge
+	}
+	if err := cfg.Validate(); err != nil {
+		return stats, err
+	}
+	mode := req.Mode
+	if mode == "" {
+		mode = string(image.ModeLive)
+	}
+	stateDir := filepath.Join(cfg.StateDir, namespace(ctx))
+	if err := os.MkdirAll(stateDir, 0o700); err != nil {
+		return stats, fmt.Errorf("create state dir: %w", err)
+	}
+	name := fmt.Sprintf("%s-%d", id, time.Now().UnixNano())
+	listen := cfg.Listen
+	if listen == "unix" {
+		listen = "unix:" + filepath.Join(stateDir, name+".sock")
+	}
+	logPath := filepath.Join(stateDir, name+".log")
+	logf, err := os.OpenFile(logPath, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
+	if err != nil {
+		return stats, fmt.Errorf("open page-server log: %w", err)
+	}
+	defer logf.Close()
+	args := []string{daemonCheckpoint, "--pid", fmt.Sprint(pid), "--image", dir, "--mode", mode,
+		"--listen", listen, "--advertise", cfg.Advertise, "--ttl", cfg.TTL.String(), "--max-age", cfg.MaxAge.String()}
+	var ec chan runcExit
+	c, err := daemon.Spawn(s.exe, args, logf, nil, func(c *exec.Cmd) (err error) {
+		ec, err = reaper.Default.Start(c)
+		return err
+	}, &stats)
+	if c != nil && ec != nil {
+		// The page server outlives the shim's interest in it; only its
+		// exit status has to be collected.
+		go reaper.Default.Wait(c, ec)
+	}
+	if err != nil {
+		return stats, fmt.Errorf("%w (page-server log %s)", err, logPath)
+	}
+	stats.Log = logPath
+	return stats, nil
+}

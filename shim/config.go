@@ -1,0 +1,124 @@
+package shim
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/pelletier/go-toml/v2"
+
+	"github.com/cowmig/cowmig/transport"
+)
+
+// ConfigEnv names the environment variable that overrides the config
+// file's path. containerd starts shims with its own environment, so it is
+// set where containerd runs (a systemd drop-in, or the test harness).
+const ConfigEnv = "COWMIG_CONFIG"
+
+// DefaultConfigPath is read when ConfigEnv is unset; a missing file means
+// the defaults.
+const DefaultConfigPath = "/etc/cowmig/config.toml"
+
+// Config is the shim's own configuration: containerd passes no runtime
+// options to a non-runc runtime from ctr or nerdctl (DESIGN §4).
+type Config struct {
+	// Listen is the page-server address of live snapshots: "unix" (a
+	// socket per snapshot under StateDir, for clones on this host) or
+	// "tcp:HOST:PORT" (PORT 0 picks a free port per snapshot).
+	Listen string `toml:"listen"`
+	// Advertise is the address clients dial when Listen's host is a
+	// wildcard ("tcp:HOST"; the picked port is appended).
+	Advertise string `toml:"advertise"`
+	// TTL is how long a snapshot is served after a client fetched all of
+	// it; MaxAge releases it in any case (0: never).
+	TTL    Duration `toml:"ttl"`
+	MaxAge Duration `toml:"max_age"`
+	// RuncBinary and RuncRoot are given to the runc shim.
+	RuncBinary string `toml:"runc_binary"`
+	RuncRoot   string `toml:"runc_root"`
+	// StateDir holds page-server sockets and logs.
+	StateDir string `toml:"state_dir"`
+}
+
+// Duration is a time.Duration written as "5m" in TOML.
+type Duration struct{ time.Duration }
+
+// UnmarshalText parses a Go duration.
+func (d *Duration) UnmarshalText(b []byte) error {
+	v, err := time.ParseDuration(string(b))
+	if err != nil {
+		return err
+	}
+	d.Duration = v
+	return nil
+}
+
+// MarshalText writes a Go duration.
+func (d Duration) MarshalText() ([]byte, error) { return []byte(d.String()), nil }
+
+// DefaultConfig is the configuration without a file.
+func DefaultConfig() Config {
+	return Config{
+		Listen:     "unix",
+		TTL:        Duration{5 * time.Minute},
+		MaxAge:     Duration{24 * time.Hour},
+		RuncBinary: "runc",
+		RuncRoot:   "/run/containerd/runc",
+		StateDir:   "/run/cowmig",
+	}
+}
+
+// LoadConfig reads the file named by ConfigEnv or DefaultConfigPath over
+// the defaults. A missing default file is not an error; a missing file
+// named by the environment is.
+func LoadConfig() (Config, string, error) {
+	path, explicit := os.LookupEnv(ConfigEnv)
+	if !explicit || path == "" {
+		path, explicit = DefaultConfigPath, false
+	}
+	c := DefaultConfig()
+	b, err := os.ReadFile(path)
+	switch {
+	case errors.Is(err, os.ErrNotExist) && !explicit:
+		return c, "", nil
+	case err != nil:
+		return c, path, fmt.Errorf("read cowmig config: %w", err)
+	}
+	d := toml.NewDecoder(strings.NewReader(string(b)))
+	d.DisallowUnknownFields()
+	if err := d.Decode(&c); err != nil {
+		return c, path, fmt.Errorf("parse cowmig config %s: %w", path, err)
+	}
+	if err := c.Validate(); err != nil {
+		return c, path, fmt.Errorf("cowmig config %s: %w", path, err)
+	}
+	return c, path, nil
+}
+
+// Validate checks the page-server addresses.
+func (c Config) Validate() error {
+	if c.Listen == "unix" {
+		return nil
+	}
+	network, addr, err := transport.ParseAddr(c.Listen)
+	if err != nil {
+		return fmt.Errorf("listen: %w", err)
+	}
+	if network != "tcp" {
+		return fmt.Errorf("listen %q: want \"unix\" or tcp:HOST:PORT", c.Listen)
+	}
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return fmt.Errorf("listen %q: %w", c.Listen, err)
+	}
+	if ip := net.ParseIP(host); (host == "" || ip != nil && ip.IsUnspecified()) && c.Advertise == "" {
+		return fmt.Errorf("listen %q is a wildcard: set advertise to the address clones dial", c.Listen)
+	}
+	if c.Advertise != "" && !strings.HasPrefix(c.Advertise, "tcp:") {
+		return fmt.Errorf("advertise %q: want tcp:HOST", c.Advertise)
+	}
+	return nil
+}

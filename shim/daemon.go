@@ -1,0 +1,171 @@
+package shim
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"os"
+	"time"
+
+	runcC "github.com/containerd/go-runc"
+	"golang.org/x/sys/unix"
+
+	"github.com/cowmig/cowmig/checkpoint"
+	"github.com/cowmig/cowmig/checkpoint/image"
+	"github.com/cowmig/cowmig/internal/daemon"
+	"github.com/cowmig/cowmig/internal/live"
+)
+
+// The shim starts itself again as these daemons.
+const (
+	daemonCheckpoint = "__cowmig-page-server"
+	daemonRestore    = "__cowmig-pager"
+)
+
+type runcExit = runcC.Exit
+
+// RunDaemon runs the daemon named by args[0] if it is one of the shim's,
+// and reports whether it was; the shim's main calls it before RunShim.
+func RunDaemon(args []string) (bool, error) {
+	if len(args) == 0 {
+		return false, nil
+	}
+	switch args[0] {
+	case daemonCheckpoint:
+		daemon.Init()
+		return true, pageServer(args[1:])
+	case daemonRestore:
+		daemon.Init()
+		return true, pager(args[1:])
+	}
+	return false, nil
+}
+
+// pageServer checkpoints a container's process and serves the snapshot
+// until it is released, fully fetched and its TTL passed, or too old.
+func pageServer(args []string) error {
+	fs := flag.NewFlagSet(daemonCheckpoint, flag.ContinueOnError)
+	pid := fs.Int("pid", 0, "")
+	dir := fs.String("image", "", "")
+	mode := fs.String("mode", string(image.ModeLive), "")
+	listen := fs.String("listen", "", "")
+	advertise := fs.String("advertise", "", "")
+	ttl := fs.Duration("ttl", 5*time.Minute, "")
+	maxAge := fs.Duration("max-age", 24*time.Hour, "")
+	if err := fs.Parse(args); err != nil {
+		return daemon.ReportFailure(err)
+	}
+	ctx := context.Background()
+	src, err := live.Checkpoint(ctx, *pid, live.CheckpointOptions{
+		Options:   checkpoint.Options{Mode: image.Mode(*mode), Dir: *dir},
+		Listen:    *listen,
+		Advertise: *advertise,
+	})
+	if err != nil {
+		return daemon.ReportFailure(err)
+	}
+	img := src.Result.Image
+	st := CheckpointStats{
+		Mode: string(img.Mode), Image: *dir, Pid: *pid,
+		FreezeMs:   ms(src.Result.Freeze),
+		PagesTotal: img.Stats.PagesTotal, PagesEager: img.Stats.PagesEager, PagesLazy: img.Stats.PagesLazy,
+		Endpoint: img.Endpoint, ServerPid: os.Getpid(), PhasesMs: map[string]float64{},
+	}
+	for _, p := range src.Result.Phases {
+		st.PhasesMs[p.Name] += ms(p.D)
+	}
+	daemon.Report(st)
+	log := daemon.Log()
+	fmt.Fprintf(log, "%s page server: pid %d snapshot %s (%d lazy pages) at %s\n",
+		time.Now().Format(time.RFC3339Nano), *pid, img.SnapshotID, img.Stats.PagesLazy, img.Endpoint)
+	err = errors.Join(src.Wait(ctx, *ttl, *maxAge), src.Close())
+	fmt.Fprintf(log, "%s page server: snapshot %s released (%v)\n", time.Now().Format(time.RFC3339Nano), img.SnapshotID, err)
+	return err
+}
+
+// RestoreStats describe a restore (the CLI's --json output).
+type RestoreStats struct {
+	Pid       int                `json:"pid"`
+	NSPid     int                `json:"ns_pid"`
+	RestoreMs float64            `json:"restore_ms"`
+	Mode      string             `json:"mode"`
+	LazyPages uint64             `json:"lazy_pages"`
+	PagerPid  int                `json:"pager_pid,omitempty"`
+	UffdFd    int                `json:"uffd_fd"`
+	PhasesMs  map[string]float64 `json:"phases_ms,omitempty"`
+	// StartMs is the shim's whole Start call: runc start, then the
+	// morph.
+	StartMs float64 `json:"start_ms,omitempty"`
+}
+
+// pager morphs the container's stub into the image's process, reports,
+// then serves the clone's lazy pages until all are local. It exits
+// non-zero if the clone had to be killed.
+func pager(args []string) error {
+	fs := flag.NewFlagSet(daemonRestore, flag.ContinueOnError)
+	dir := fs.String("image", "", "")
+	stub := fs.Int("stub", 0, "")
+	if err := fs.Parse(args); err != nil {
+		return daemon.ReportFailure(err)
+	}
+	stdio, err := stubStdio(*stub)
+	if err != nil {
+		return daemon.ReportFailure(err)
+	}
+	ctx := context.Background()
+	r, err := live.Restore(ctx, checkpoint.RestoreOptions{
+		Dir: *dir, Stub: *stub, Stdin: stdio[0], Stdout: stdio[1], Stderr: stdio[2],
+		// runc installed the container's seccomp filter in the stub.
+		AllowSeccomp: true,
+	})
+	for _, f := range stdio {
+		f.Close()
+	}
+	if err != nil {
+		return daemon.ReportFailure(err)
+	}
+	st := RestoreStats{Pid: r.Pid, NSPid: r.NSPid, RestoreMs: ms(r.Duration), Mode: string(r.Image.Mode),
+		LazyPages: r.Image.Stats.PagesLazy, PagerPid: os.Getpid(), UffdFd: r.UffdFd(), PhasesMs: map[string]float64{}}
+	for _, p := range r.Phases {
+		st.PhasesMs[p.Name] += ms(p.D)
+	}
+	daemon.Report(st)
+	log := daemon.Log()
+	start := time.Now()
+	err = r.Serve(ctx)
+	switch {
+	case errors.Is(err, checkpoint.ErrCloneExited):
+		fmt.Fprintf(log, "cowmig pager: pid %d exited after %v, before all its pages were local\n", r.Pid, time.Since(start))
+		return nil
+	case err != nil:
+		fmt.Fprintf(log, "cowmig pager: pid %d: %v (the clone was killed)\n", r.Pid, err)
+		return err
+	}
+	fmt.Fprintf(log, "cowmig pager: pid %d: all %d lazy pages local after %v\n", r.Pid, r.Image.Stats.PagesLazy, time.Since(start))
+	return nil
+}
+
+// stubStdio takes the stub's fds 0-2, the task's IO that runc gave it,
+// for the clone.
+func stubStdio(pid int) ([3]*os.File, error) {
+	var out [3]*os.File
+	pfd, err := unix.PidfdOpen(pid, 0)
+	if err != nil {
+		return out, fmt.Errorf("open stub pid %d: %w", pid, err)
+	}
+	defer unix.Close(pfd)
+	for i := range out {
+		fd, err := unix.PidfdGetfd(pfd, i, 0)
+		if err != nil {
+			for _, f := range out[:i] {
+				f.Close()
+			}
+			return out, fmt.Errorf("take stub fd %d: %w", i, err)
+		}
+		out[i] = os.NewFile(uintptr(fd), fmt.Sprintf("stub-fd-%d", i))
+	}
+	return out, nil
+}
+
+func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
