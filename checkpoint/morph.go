@@ -414,7 +414,7 @@ func (m *morph) lazyMemory(ctx context.Context) error {
 		return fmt.Errorf("fault loop: %w", err)
 	}
 	m.r.pager = pg
-	m.r.startPager(ctx, m.o)
+	m.r.startPager()
 	return nil
 }
 

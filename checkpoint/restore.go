@@ -53,6 +53,9 @@ type RestoreOptions struct {
 	// without that filter: only for callers (the shim) whose container
 	// runtime installs it.
 	AllowSeccomp bool
+	// OnRunning, if set, is called when the clone runs and the
+	// background fill starts (not with NoPrefetch).
+	OnRunning func()
 	// Stub, if set, is the host pid of a process already running the
 	// restore stub (StubELF) as pid 1 of its own pid namespace: a
 	// container's init that the container runtime created. It is morphed
@@ -165,6 +168,7 @@ func Restore(ctx context.Context, o RestoreOptions) (*Restored, error) {
 	}
 	r.Duration = time.Since(start)
 	go waitExit(r.Pid, r.cloneGone)
+	r.startFill(ctx, o)
 	return r, nil
 }
 
@@ -263,8 +267,9 @@ func sameLayout(a, b []image.Vma) error {
 	return nil
 }
 
-// startPager runs the MISSING fault loop and the background fill.
-func (r *Restored) startPager(ctx context.Context, o RestoreOptions) {
+// startPager runs the MISSING fault loop; the morph needs it as soon as
+// lazy memory is registered.
+func (r *Restored) startPager() {
 	r.wg.Add(1)
 	go func() {
 		defer r.wg.Done()
@@ -272,8 +277,16 @@ func (r *Restored) startPager(ctx context.Context, o RestoreOptions) {
 			r.fail(fmt.Errorf("fault loop: %w", err))
 		}
 	}()
-	if o.NoPrefetch {
+}
+
+// startFill runs the background fill. It starts once the clone runs, so
+// that it does not compete with the morph for the CPU.
+func (r *Restored) startFill(ctx context.Context, o RestoreOptions) {
+	if r.lazy == nil || o.NoPrefetch {
 		return
+	}
+	if o.OnRunning != nil {
+		o.OnRunning()
 	}
 	r.wg.Add(1)
 	chunk := o.FillChunk

@@ -58,6 +58,8 @@ type CheckpointStats struct {
 	// waits for it.
 	CheckpointMs float64 `json:"checkpoint_ms,omitempty"`
 	Log          string  `json:"log,omitempty"`
+	// ContainerID is the checkpointed container's.
+	ContainerID string `json:"container_id,omitempty"`
 }
 
 // checkpoint snapshots the container's process into r.Path.
@@ -115,7 +117,8 @@ func (s *service) checkpoint(ctx context.Context, r *taskAPI.CheckpointTaskReque
 			return fmt.Errorf("stop task after checkpoint (exit): %w", err)
 		}
 	}
-	stats.CheckpointMs = float64(time.Since(start).Microseconds()) / 1000
+	stats.CheckpointMs = ms(time.Since(start))
+	stats.ContainerID = r.ID
 	log.G(ctx).WithField("id", r.ID).Infof("cowmig checkpoint: %s, froze %.2f ms, %d pages (%d lazy) served at %s",
 		stats.Mode, stats.FreezeMs, stats.PagesTotal, stats.PagesLazy, stats.Endpoint)
 	b, _ := json.Marshal(stats)

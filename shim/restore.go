@@ -14,6 +14,7 @@ import (
 	"time"
 
 	taskAPI "github.com/containerd/containerd/api/runtime/task/v3"
+	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/containerd/containerd/v2/pkg/sys/reaper"
 	"github.com/containerd/log"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
@@ -44,6 +45,7 @@ const TopicRestoreFailed = "/tasks/cowmig/restore-failed"
 type restore struct {
 	dir     string // the image, copied into the bundle
 	bundle  string
+	ns      string // containerd namespace, for events
 	started bool
 	stats   RestoreStats
 }
@@ -56,7 +58,7 @@ const RestoreStatsFile = "cowmig-restore.json"
 // directory and rewrites the bundle's spec so that runc creates the
 // container with the restore stub as its process.
 func (s *service) prepareRestore(ctx context.Context, r *taskAPI.CreateTaskRequest) (*restore, error) {
-	rs := &restore{dir: filepath.Join(r.Bundle, "cowmig-image"), bundle: r.Bundle}
+	rs := &restore{dir: filepath.Join(r.Bundle, "cowmig-image"), bundle: r.Bundle, ns: namespace(ctx)}
 	if err := copyDir(r.Checkpoint, rs.dir); err != nil {
 		return nil, fmt.Errorf("copy checkpoint image: %w", err)
 	}
@@ -78,6 +80,9 @@ func (s *service) prepareRestore(ctx context.Context, r *taskAPI.CreateTaskReque
 	}
 	if spec.Process.Terminal {
 		return nil, fmt.Errorf("restoring a container with a terminal is not supported")
+	}
+	if err := ownCgroup(&spec, r.Checkpoint, r.ID); err != nil {
+		return nil, err
 	}
 	spec.Process.Args = []string{stubInContainer}
 	spec.Mounts = append(spec.Mounts, specs.Mount{
@@ -103,6 +108,36 @@ func (s *service) prepareRestore(ctx context.Context, r *taskAPI.CreateTaskReque
 	}
 	log.G(ctx).WithField("id", r.ID).Infof("cowmig restore: container created with the restore stub (image %s)", rs.dir)
 	return rs, nil
+}
+
+// ownCgroup gives a container restored from the checkpoint of another
+// one its own cgroup: `ctr c restore` reuses the checkpointed spec, whose
+// cgroupsPath names the source's cgroup ("/ns/ID", or "slice:prefix:ID"
+// with systemd), and two tasks in one cgroup kill each other (runc kill
+// --all signals the whole cgroup).
+func ownCgroup(spec *specs.Spec, checkpointDir, id string) error {
+	if spec.Linux == nil || spec.Linux.CgroupsPath == "" {
+		return nil
+	}
+	b, err := os.ReadFile(filepath.Join(checkpointDir, StatsFile))
+	if err != nil {
+		return fmt.Errorf("read checkpoint stats: %w", err)
+	}
+	var st CheckpointStats
+	if err := json.Unmarshal(b, &st); err != nil {
+		return fmt.Errorf("decode checkpoint stats: %w", err)
+	}
+	old, p := st.ContainerID, spec.Linux.CgroupsPath
+	if old == "" || old == id {
+		return nil
+	}
+	for _, sep := range []string{"/", ":"} {
+		if strings.HasSuffix(p, sep+old) {
+			spec.Linux.CgroupsPath = strings.TrimSuffix(p, old) + id
+			return nil
+		}
+	}
+	return nil
 }
 
 // morph restores the image into the started stub (pid) in a pager
@@ -146,16 +181,16 @@ func (s *service) morph(ctx context.Context, id string, rs *restore, pid int) er
 	}
 	log.G(ctx).WithField("id", id).Infof("cowmig restore: pid %d running after %.2f ms (morph %.2f ms), %d lazy pages",
 		pid, rs.stats.StartMs, rs.stats.RestoreMs, rs.stats.LazyPages)
-	go s.watchPager(id, pid, c, ec, uffd, logPath)
+	go s.watchPager(rs.ns, id, pid, c, ec, uffd, logPath)
 	return nil
 }
 
 // watchPager waits for the pager daemon. If it fails (or dies) before
 // every page is local, the clone is killed while its faults are still
 // held, and the failure is logged and published.
-func (s *service) watchPager(id string, pid int, c *exec.Cmd, ec chan runcExit, uffd int, logPath string) {
+func (s *service) watchPager(ns, id string, pid int, c *exec.Cmd, ec chan runcExit, uffd int, logPath string) {
 	status, _ := reaper.Default.Wait(c, ec)
-	ctx := context.Background()
+	ctx := namespaces.WithNamespace(context.Background(), ns)
 	if status != 0 {
 		s.killTask(ctx, id)
 		waitGone(pid, 5*time.Second)

@@ -257,6 +257,7 @@ func Restore(ctx context.Context, ro checkpoint.RestoreOptions) (*Restoring, err
 		r.stopRA = cancel
 		r.ra = newReadahead(raCtx, r.c, r.proc, ranges)
 		ro.Fetcher = fetcher{c: r.c, ra: r.ra}
+		ro.OnRunning = sync.OnceFunc(r.ra.start)
 	}
 	if r.Restored, err = checkpoint.Restore(ctx, ro); err != nil {
 		if r.c != nil {

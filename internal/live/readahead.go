@@ -16,6 +16,9 @@ import (
 type readahead struct {
 	c    *transport.Client
 	proc uint32
+	// start begins the stream (once, when the background fill starts):
+	// until then the morph has the CPU to itself.
+	start func()
 
 	mu   sync.Mutex // guards the fields below; cond waits on it
 	cond *sync.Cond
@@ -24,6 +27,8 @@ type readahead struct {
 	buffered int
 	// head is the end of the last chunk received.
 	head uint64
+	// started is set once start ran: before, fetches go to GetPages.
+	started bool
 	// done is set when the stream ended; err says why if it failed.
 	done bool
 	err  error
@@ -47,13 +52,18 @@ func newReadahead(ctx context.Context, c *transport.Client, proc uint32, ranges 
 	if len(ranges) > 0 {
 		ra.head = ranges[0].Addr
 	}
-	go func() {
-		err := c.Stream(ctx, proc, ranges, 1<<20, ra.add)
+	ra.start = func() {
 		ra.mu.Lock()
-		ra.done, ra.err = true, err
-		ra.cond.Broadcast()
+		ra.started = true
 		ra.mu.Unlock()
-	}()
+		go func() {
+			err := c.Stream(ctx, proc, ranges, 1<<20, ra.add)
+			ra.mu.Lock()
+			ra.done, ra.err = true, err
+			ra.cond.Broadcast()
+			ra.mu.Unlock()
+		}()
+	}
 	return ra
 }
 
@@ -90,6 +100,9 @@ func (ra *readahead) stop() {
 func (ra *readahead) take(addr uint64, buf []byte) bool {
 	ra.mu.Lock()
 	defer ra.mu.Unlock()
+	if !ra.started {
+		return false
+	}
 	end := addr + uint64(len(buf))
 	for {
 		// Chunks wholly below addr will not be asked for again: the
