@@ -22,45 +22,9 @@ import (
 
 	"github.com/cowmig/cowmig/checkpoint/image"
 	"github.com/cowmig/cowmig/internal/daemon"
+	"github.com/cowmig/cowmig/internal/live"
+	"github.com/cowmig/cowmig/shim/shimapi"
 )
-
-// RequestFile is the name, in CheckpointOptions.WorkPath, of a
-// CheckpointRequest: how cowmig's CLI asks for what runc's checkpoint
-// options cannot say (containerd only passes those to a shim).
-const RequestFile = "cowmig-request.json"
-
-// StatsFile is the name, in the checkpoint directory and in WorkPath when
-// given, of the checkpoint's CheckpointStats.
-const StatsFile = "cowmig-stats.json"
-
-// CheckpointRequest overrides the config for one checkpoint.
-type CheckpointRequest struct {
-	Mode      string   `json:"mode,omitempty"`
-	Listen    string   `json:"listen,omitempty"`
-	Advertise string   `json:"advertise,omitempty"`
-	TTL       Duration `json:"ttl,omitempty"`
-	MaxAge    Duration `json:"max_age,omitempty"`
-}
-
-// CheckpointStats describe a checkpoint (the CLI's --json output).
-type CheckpointStats struct {
-	Mode       string             `json:"mode"`
-	Image      string             `json:"image"`
-	Pid        int                `json:"pid"`
-	FreezeMs   float64            `json:"freeze_ms"`
-	PagesTotal uint64             `json:"pages_total"`
-	PagesEager uint64             `json:"pages_eager"`
-	PagesLazy  uint64             `json:"pages_lazy"`
-	Endpoint   string             `json:"endpoint,omitempty"`
-	ServerPid  int                `json:"server_pid,omitempty"`
-	PhasesMs   map[string]float64 `json:"phases_ms,omitempty"`
-	// CheckpointMs is the shim's whole Checkpoint call, as containerd
-	// waits for it.
-	CheckpointMs float64 `json:"checkpoint_ms,omitempty"`
-	Log          string  `json:"log,omitempty"`
-	// ContainerID is the checkpointed container's.
-	ContainerID string `json:"container_id,omitempty"`
-}
 
 // checkpoint snapshots the container's process into r.Path.
 func (s *service) checkpoint(ctx context.Context, r *taskAPI.CheckpointTaskRequest) error {
@@ -117,8 +81,11 @@ func (s *service) checkpoint(ctx context.Context, r *taskAPI.CheckpointTaskReque
 			return fmt.Errorf("stop task after checkpoint (exit): %w", err)
 		}
 	}
-	stats.CheckpointMs = ms(time.Since(start))
-	stats.ContainerID = r.ID
+	stats.CheckpointMs = live.Ms(time.Since(start))
+	stats.ContainerID, stats.ImageRef = r.ID, req.ImageRef
+	if err := copyFile(filepath.Join(st.Bundle, "config.json"), filepath.Join(r.Path, shimapi.SpecFile)); err != nil {
+		return fmt.Errorf("save the container's spec: %w", err)
+	}
 	log.G(ctx).WithField("id", r.ID).Infof("cowmig checkpoint: %s, froze %.2f ms, %d pages (%d lazy) served at %s",
 		stats.Mode, stats.FreezeMs, stats.PagesTotal, stats.PagesLazy, stats.Endpoint)
 	b, _ := json.Marshal(stats)
@@ -126,7 +93,7 @@ func (s *service) checkpoint(ctx context.Context, r *taskAPI.CheckpointTaskReque
 		if dir == "" {
 			continue
 		}
-		if err := os.WriteFile(filepath.Join(dir, StatsFile), b, 0o600); err != nil {
+		if err := os.WriteFile(filepath.Join(dir, shimapi.StatsFile), b, 0o600); err != nil {
 			return fmt.Errorf("write checkpoint stats: %w", err)
 		}
 	}
@@ -134,12 +101,12 @@ func (s *service) checkpoint(ctx context.Context, r *taskAPI.CheckpointTaskReque
 }
 
 // readRequest reads the CLI's request from workPath, if there is one.
-func readRequest(workPath string) (CheckpointRequest, error) {
-	var req CheckpointRequest
+func readRequest(workPath string) (shimapi.CheckpointRequest, error) {
+	var req shimapi.CheckpointRequest
 	if workPath == "" {
 		return req, nil
 	}
-	b, err := os.ReadFile(filepath.Join(workPath, RequestFile))
+	b, err := os.ReadFile(filepath.Join(workPath, shimapi.RequestFile))
 	if errors.Is(err, os.ErrNotExist) {
 		return req, nil
 	}
@@ -147,7 +114,7 @@ func readRequest(workPath string) (CheckpointRequest, error) {
 		return req, fmt.Errorf("read checkpoint request: %w", err)
 	}
 	if err := json.Unmarshal(b, &req); err != nil {
-		return req, fmt.Errorf("decode checkpoint request %s: %w", RequestFile, err)
+		return req, fmt.Errorf("decode checkpoint request %s: %w", shimapi.RequestFile, err)
 	}
 	if req.Mode != "" && !image.Mode(req.Mode).Valid() {
 		return req, fmt.Errorf("checkpoint request: mode %q: want live, full or stop", req.Mode)
@@ -159,8 +126,8 @@ func readRequest(workPath string) (CheckpointRequest, error) {
 // that then serves the snapshot: its uffd and pins must live in the
 // process that serves them, and the page server must outlive the task
 // and this shim (which exits once the task is deleted).
-func (s *service) runCheckpointDaemon(ctx context.Context, id string, pid int, dir string, req CheckpointRequest) (CheckpointStats, error) {
-	var stats CheckpointStats
+func (s *service) runCheckpointDaemon(ctx context.Context, id string, pid int, dir string, req shimapi.CheckpointRequest) (live.CheckpointStats, error) {
+	var stats live.CheckpointStats
 	cfg := s.cfg
 	if req.Listen != "" {
 		cfg.Listen, cfg.Advertise = req.Listen, req.Advertise

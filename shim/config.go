@@ -10,6 +10,7 @@ import (
 
 	"github.com/pelletier/go-toml/v2"
 
+	"github.com/cowmig/cowmig/shim/shimapi"
 	"github.com/cowmig/cowmig/transport"
 )
 
@@ -43,28 +44,15 @@ type Config struct {
 	StateDir string `toml:"state_dir"`
 }
 
-// Duration is a time.Duration written as "5m" in TOML.
-type Duration struct{ time.Duration }
-
-// UnmarshalText parses a Go duration.
-func (d *Duration) UnmarshalText(b []byte) error {
-	v, err := time.ParseDuration(string(b))
-	if err != nil {
-		return err
-	}
-	d.Duration = v
-	return nil
-}
-
-// MarshalText writes a Go duration.
-func (d Duration) MarshalText() ([]byte, error) { return []byte(d.String()), nil }
+// Duration is a time.Duration written as "5m".
+type Duration = shimapi.Duration
 
 // DefaultConfig is the configuration without a file.
 func DefaultConfig() Config {
 	return Config{
 		Listen:     "unix",
-		TTL:        Duration{5 * time.Minute},
-		MaxAge:     Duration{24 * time.Hour},
+		TTL:        Duration{Duration: 5 * time.Minute},
+		MaxAge:     Duration{Duration: 24 * time.Hour},
 		RuncBinary: "runc",
 		RuncRoot:   "/run/containerd/runc",
 		StateDir:   "/run/cowmig",

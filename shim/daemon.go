@@ -66,15 +66,8 @@ func pageServer(args []string) error {
 		return daemon.ReportFailure(err)
 	}
 	img := src.Result.Image
-	st := CheckpointStats{
-		Mode: string(img.Mode), Image: *dir, Pid: *pid,
-		FreezeMs:   ms(src.Result.Freeze),
-		PagesTotal: img.Stats.PagesTotal, PagesEager: img.Stats.PagesEager, PagesLazy: img.Stats.PagesLazy,
-		Endpoint: img.Endpoint, ServerPid: os.Getpid(), PhasesMs: map[string]float64{},
-	}
-	for _, p := range src.Result.Phases {
-		st.PhasesMs[p.Name] += ms(p.D)
-	}
+	st := src.Stats(*dir, *pid)
+	st.ServerPid = os.Getpid()
 	daemon.Report(st)
 	log := daemon.Log()
 	fmt.Fprintf(log, "%s page server: pid %d snapshot %s (%d lazy pages) at %s\n",
@@ -82,21 +75,6 @@ func pageServer(args []string) error {
 	err = errors.Join(src.Wait(ctx, *ttl, *maxAge), src.Close())
 	fmt.Fprintf(log, "%s page server: snapshot %s released (%v)\n", time.Now().Format(time.RFC3339Nano), img.SnapshotID, err)
 	return err
-}
-
-// RestoreStats describe a restore (the CLI's --json output).
-type RestoreStats struct {
-	Pid       int                `json:"pid"`
-	NSPid     int                `json:"ns_pid"`
-	RestoreMs float64            `json:"restore_ms"`
-	Mode      string             `json:"mode"`
-	LazyPages uint64             `json:"lazy_pages"`
-	PagerPid  int                `json:"pager_pid,omitempty"`
-	UffdFd    int                `json:"uffd_fd"`
-	PhasesMs  map[string]float64 `json:"phases_ms,omitempty"`
-	// StartMs is the shim's whole Start call: runc start, then the
-	// morph.
-	StartMs float64 `json:"start_ms,omitempty"`
 }
 
 // pager morphs the container's stub into the image's process, reports,
@@ -125,11 +103,8 @@ func pager(args []string) error {
 	if err != nil {
 		return daemon.ReportFailure(err)
 	}
-	st := RestoreStats{Pid: r.Pid, NSPid: r.NSPid, RestoreMs: ms(r.Duration), Mode: string(r.Image.Mode),
-		LazyPages: r.Image.Stats.PagesLazy, PagerPid: os.Getpid(), UffdFd: r.UffdFd(), PhasesMs: map[string]float64{}}
-	for _, p := range r.Phases {
-		st.PhasesMs[p.Name] += ms(p.D)
-	}
+	st := r.Stats()
+	st.PagerPid = os.Getpid()
 	daemon.Report(st)
 	log := daemon.Log()
 	start := time.Now()
@@ -167,5 +142,3 @@ func stubStdio(pid int) ([3]*os.File, error) {
 	}
 	return out, nil
 }
-
-func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }

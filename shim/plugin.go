@@ -10,10 +10,12 @@ import (
 	"github.com/containerd/log"
 	"github.com/containerd/plugin"
 	"github.com/containerd/plugin/registry"
+
+	"github.com/cowmig/cowmig/shim/shimapi"
 )
 
 // RuntimeName is the runtime containerd knows the shim by.
-const RuntimeName = "io.containerd.cowmig.v2"
+const RuntimeName = shimapi.RuntimeName
 
 // Register registers the task service plugin that RunShim serves. Call
 // it once, from main, instead of importing the runc shim's own task

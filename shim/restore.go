@@ -23,6 +23,8 @@ import (
 
 	"github.com/cowmig/cowmig/checkpoint"
 	"github.com/cowmig/cowmig/internal/daemon"
+	"github.com/cowmig/cowmig/internal/live"
+	"github.com/cowmig/cowmig/shim/shimapi"
 )
 
 // stubInContainer is where the restore stub is bind-mounted: /dev is a
@@ -45,20 +47,22 @@ const TopicRestoreFailed = "/tasks/cowmig/restore-failed"
 type restore struct {
 	dir     string // the image, copied into the bundle
 	bundle  string
+	src     string // the checkpoint directory containerd gave
 	ns      string // containerd namespace, for events
 	started bool
-	stats   RestoreStats
+	stats   live.RestoreStats
 }
 
 // RestoreStatsFile is the name, in the bundle, of the restore's
-// RestoreStats.
+// live.RestoreStats; they are also written into the checkpoint directory
+// (shimapi.RestoreStatsPrefix), for the client that gave it.
 const RestoreStatsFile = "cowmig-restore.json"
 
 // prepareRestore copies the image out of containerd's temporary checkpoint
 // directory and rewrites the bundle's spec so that runc creates the
 // container with the restore stub as its process.
 func (s *service) prepareRestore(ctx context.Context, r *taskAPI.CreateTaskRequest) (*restore, error) {
-	rs := &restore{dir: filepath.Join(r.Bundle, "cowmig-image"), bundle: r.Bundle, ns: namespace(ctx)}
+	rs := &restore{dir: filepath.Join(r.Bundle, "cowmig-image"), bundle: r.Bundle, ns: namespace(ctx), src: r.Checkpoint}
 	if err := copyDir(r.Checkpoint, rs.dir); err != nil {
 		return nil, fmt.Errorf("copy checkpoint image: %w", err)
 	}
@@ -119,11 +123,11 @@ func ownCgroup(spec *specs.Spec, checkpointDir, id string) error {
 	if spec.Linux == nil || spec.Linux.CgroupsPath == "" {
 		return nil
 	}
-	b, err := os.ReadFile(filepath.Join(checkpointDir, StatsFile))
+	b, err := os.ReadFile(filepath.Join(checkpointDir, shimapi.StatsFile))
 	if err != nil {
 		return fmt.Errorf("read checkpoint stats: %w", err)
 	}
-	var st CheckpointStats
+	var st live.CheckpointStats
 	if err := json.Unmarshal(b, &st); err != nil {
 		return fmt.Errorf("decode checkpoint stats: %w", err)
 	}
@@ -175,9 +179,11 @@ func (s *service) morph(ctx context.Context, id string, rs *restore, pid int) er
 			return fmt.Errorf("hold the clone's userfaultfd: %w", err)
 		}
 	}
-	rs.stats.StartMs = ms(time.Since(start))
+	rs.stats.StartMs = live.Ms(time.Since(start))
 	if b, err := json.Marshal(rs.stats); err == nil {
 		os.WriteFile(filepath.Join(rs.bundle, RestoreStatsFile), b, 0o600)
+		// containerd may have removed its temporary directory by now.
+		os.WriteFile(filepath.Join(rs.src, shimapi.RestoreStatsPrefix+id+".json"), b, 0o600)
 	}
 	log.G(ctx).WithField("id", id).Infof("cowmig restore: pid %d running after %.2f ms (morph %.2f ms), %d lazy pages",
 		pid, rs.stats.StartMs, rs.stats.RestoreMs, rs.stats.LazyPages)

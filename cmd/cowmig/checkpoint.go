@@ -6,7 +6,6 @@ import (
 	"errors"
 	"flag"
 	"fmt"
-	"github.com/cowmig/cowmig/internal/daemon"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -14,7 +13,10 @@ import (
 
 	"github.com/cowmig/cowmig/checkpoint"
 	"github.com/cowmig/cowmig/checkpoint/image"
+	"github.com/cowmig/cowmig/internal/ctrapi"
+	"github.com/cowmig/cowmig/internal/daemon"
 	"github.com/cowmig/cowmig/internal/live"
+	"github.com/cowmig/cowmig/shim/shimapi"
 )
 
 const (
@@ -32,6 +34,10 @@ type checkpointFlags struct {
 	pipeSize  int
 	json      bool
 	leaveKids bool
+	// containerd mode: checkpoint a container through containerd's API.
+	address, namespace, container, advertise string
+	exit                                     bool
+	set                                      map[string]bool // flags given
 }
 
 func (c *checkpointFlags) parse(args []string) error {
@@ -45,11 +51,33 @@ func (c *checkpointFlags) parse(args []string) error {
 	fs.IntVar(&c.pipeSize, "pipe-size", 0, "bytes per pin pipe (default: fs.pipe-max-size, at most 4 MiB)")
 	fs.BoolVar(&c.json, "json", false, "print statistics as JSON")
 	fs.BoolVar(&c.leaveKids, "leave-children", false, "checkpoint the process without its child processes (refused otherwise)")
+	fs.StringVar(&c.address, "address", "", "containerd's address: checkpoint the container --container (or the argument) through containerd")
+	fs.StringVar(&c.namespace, "namespace", "default", "containerd namespace")
+	fs.StringVar(&c.container, "container", "", "containerd container ID")
+	fs.StringVar(&c.advertise, "advertise", "", "page-server address written into the image (tcp:HOST), when --listen is a wildcard")
+	fs.BoolVar(&c.exit, "exit", false, "containerd: stop the task once the snapshot is safe (migration)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	if c.pid <= 0 || c.dir == "" {
-		return errors.New("--pid and --image are required")
+	c.set = map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { c.set[f.Name] = true })
+	if c.container == "" && fs.NArg() == 1 {
+		c.container = fs.Arg(0)
+	} else if fs.NArg() > 0 {
+		return fmt.Errorf("unexpected arguments %q", fs.Args())
+	}
+	if c.container != "" && c.address == "" {
+		c.address = "/run/containerd/containerd.sock"
+	}
+	switch {
+	case c.dir == "":
+		return errors.New("--image is required")
+	case c.address != "" && c.container == "":
+		return errors.New("--address needs a container ID (--container or an argument)")
+	case c.address == "" && c.pid <= 0:
+		return errors.New("--pid (or a containerd container ID) is required")
+	case c.address != "" && c.pid > 0:
+		return errors.New("--pid and a containerd container are exclusive")
 	}
 	if !image.Mode(c.mode).Valid() {
 		return fmt.Errorf("--mode %q: want live, full or stop", c.mode)
@@ -59,7 +87,7 @@ func (c *checkpointFlags) parse(args []string) error {
 		return err
 	}
 	c.dir = abs
-	if c.listen == "" {
+	if c.listen == "" && c.address == "" {
 		c.listen = "unix:" + filepath.Join(c.dir, "pages.sock")
 	}
 	return nil
@@ -72,31 +100,29 @@ func (c *checkpointFlags) options() live.CheckpointOptions {
 	}
 }
 
-// checkpointStats is the --json output.
-type checkpointStats struct {
-	Mode       string             `json:"mode"`
-	Image      string             `json:"image"`
-	Pid        int                `json:"pid"`
-	FreezeMs   float64            `json:"freeze_ms"`
-	PagesTotal uint64             `json:"pages_total"`
-	PagesEager uint64             `json:"pages_eager"`
-	PagesLazy  uint64             `json:"pages_lazy"`
-	Endpoint   string             `json:"endpoint,omitempty"`
-	ServerPid  int                `json:"server_pid,omitempty"`
-	PhasesMs   map[string]float64 `json:"phases_ms,omitempty"`
-	Error      string             `json:"error,omitempty"`
-}
-
 func runCheckpoint(args []string) error {
 	var c checkpointFlags
 	if err := c.parse(args); err != nil {
 		return err
 	}
-	var st checkpointStats
+	var st live.CheckpointStats
 	if err := os.MkdirAll(c.dir, 0o700); err != nil {
 		return fmt.Errorf("create image dir: %w", err)
 	}
-	if c.mode == string(image.ModeLive) {
+	if c.address != "" {
+		req := shimapi.CheckpointRequest{Mode: c.mode, Listen: c.listen, Advertise: c.advertise}
+		if c.set["ttl"] {
+			req.TTL.Duration = c.ttl
+		}
+		if c.set["max-age"] {
+			req.MaxAge.Duration = c.maxAge
+		}
+		var err error
+		st, err = ctrapi.Checkpoint(context.Background(), ctrapi.Target{Address: c.address, Namespace: c.namespace}, c.container, c.dir, req, c.exit)
+		if err != nil {
+			return err
+		}
+	} else if c.mode == string(image.ModeLive) {
 		// The snapshot's uffd and pins must live in the process that
 		// serves them: run the whole checkpoint in a daemon.
 		if err := runDaemon(daemonCheckpoint, args, filepath.Join(c.dir, "server.log"), nil, &st); err != nil {
@@ -107,26 +133,16 @@ func runCheckpoint(args []string) error {
 		if err != nil {
 			return err
 		}
-		st = stats(&c, src)
+		st = src.Stats(c.dir, c.pid)
 	}
 	return printStats(c.json, st, func() string {
-		return fmt.Sprintf("checkpointed pid %d (%s) into %s: froze %.2f ms, %d pages (%d eager, %d lazy)\n",
-			st.Pid, st.Mode, st.Image, st.FreezeMs, st.PagesTotal, st.PagesEager, st.PagesLazy)
+		what := fmt.Sprintf("pid %d", st.Pid)
+		if c.container != "" {
+			what = fmt.Sprintf("container %s (pid %d)", c.container, st.Pid)
+		}
+		return fmt.Sprintf("checkpointed %s (%s) into %s: froze %.2f ms, %d pages (%d eager, %d lazy)\n",
+			what, st.Mode, st.Image, st.FreezeMs, st.PagesTotal, st.PagesEager, st.PagesLazy)
 	})
-}
-
-func stats(c *checkpointFlags, src *live.Source) checkpointStats {
-	img := src.Result.Image
-	st := checkpointStats{
-		Mode: string(img.Mode), Image: c.dir, Pid: c.pid,
-		FreezeMs:   float64(src.Result.Freeze.Microseconds()) / 1000,
-		PagesTotal: img.Stats.PagesTotal, PagesEager: img.Stats.PagesEager, PagesLazy: img.Stats.PagesLazy,
-		Endpoint: img.Endpoint, PhasesMs: map[string]float64{},
-	}
-	for _, p := range src.Result.Phases {
-		st.PhasesMs[p.Name] += float64(p.D.Microseconds()) / 1000
-	}
-	return st
 }
 
 // checkpointDaemon runs a live checkpoint and then serves it.
@@ -139,7 +155,7 @@ func checkpointDaemon(args []string) error {
 	if err != nil {
 		return daemon.ReportFailure(err)
 	}
-	st := stats(&c, src)
+	st := src.Stats(c.dir, c.pid)
 	st.ServerPid = os.Getpid()
 	daemon.Report(st)
 	err = src.Wait(context.Background(), c.ttl, c.maxAge)

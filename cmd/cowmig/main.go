@@ -9,8 +9,9 @@ package main
 
 import (
 	"fmt"
-	"github.com/cowmig/cowmig/internal/daemon"
 	"os"
+
+	"github.com/cowmig/cowmig/internal/daemon"
 )
 
 func main() {

@@ -5,13 +5,14 @@ import (
 	"errors"
 	"flag"
 	"fmt"
-	"github.com/cowmig/cowmig/internal/daemon"
 	"os"
 	"path/filepath"
 	"time"
 
 	"github.com/cowmig/cowmig/checkpoint"
 	"github.com/cowmig/cowmig/checkpoint/image"
+	"github.com/cowmig/cowmig/internal/ctrapi"
+	"github.com/cowmig/cowmig/internal/daemon"
 	"github.com/cowmig/cowmig/internal/live"
 )
 
@@ -19,6 +20,8 @@ type restoreFlags struct {
 	dir                   string
 	stdin, stdout, stderr string
 	json                  bool
+	// containerd mode: restore as a new container through containerd.
+	address, namespace, container, ref string
 }
 
 func (r *restoreFlags) parse(args []string) error {
@@ -28,25 +31,30 @@ func (r *restoreFlags) parse(args []string) error {
 	fs.StringVar(&r.stdout, "stdout", "", "file for the clone's stdout (default: this command's)")
 	fs.StringVar(&r.stderr, "stderr", "", "file for the clone's stderr (default: this command's)")
 	fs.BoolVar(&r.json, "json", false, "print the result as JSON")
+	fs.StringVar(&r.address, "address", "", "containerd's address: restore as a new container --container (or the argument) through containerd")
+	fs.StringVar(&r.namespace, "namespace", "default", "containerd namespace")
+	fs.StringVar(&r.container, "container", "", "ID of the new containerd container")
+	fs.StringVar(&r.ref, "ref", "", "containerd: the container image (default: the one recorded at checkpoint)")
 	if err := fs.Parse(args); err != nil {
 		return err
+	}
+	if r.container == "" && fs.NArg() == 1 {
+		r.container = fs.Arg(0)
+	} else if fs.NArg() > 0 {
+		return fmt.Errorf("unexpected arguments %q", fs.Args())
+	}
+	if r.container != "" && r.address == "" {
+		r.address = "/run/containerd/containerd.sock"
 	}
 	if r.dir == "" {
 		return errors.New("--image is required")
 	}
+	if r.address != "" && r.container == "" {
+		return errors.New("--address needs the new container's ID (--container or an argument)")
+	}
 	abs, err := filepath.Abs(r.dir)
 	r.dir = abs
 	return err
-}
-
-type restoreStats struct {
-	Pid       int                `json:"pid"`
-	NSPid     int                `json:"ns_pid"`
-	RestoreMs float64            `json:"restore_ms"`
-	Mode      string             `json:"mode"`
-	LazyPages uint64             `json:"lazy_pages"`
-	PagerPid  int                `json:"pager_pid,omitempty"`
-	PhasesMs  map[string]float64 `json:"phases_ms,omitempty"`
 }
 
 func openStdio(path string, def *os.File, flag int) (*os.File, error) {
@@ -65,6 +73,17 @@ func runRestore(args []string) error {
 	if err := rf.parse(args); err != nil {
 		return err
 	}
+	if rf.address != "" {
+		if rf.stdin != "" || rf.stderr != "" {
+			return errors.New("containerd restore: the clone's output goes to --stdout (a log file) only")
+		}
+		res, err := ctrapi.Restore(context.Background(), ctrapi.Target{Address: rf.address, Namespace: rf.namespace},
+			rf.container, rf.dir, ctrapi.RestoreOptions{Ref: rf.ref, LogPath: rf.stdout})
+		if err != nil {
+			return err
+		}
+		return printStats(rf.json, res, func() string { return fmt.Sprintf("%d\n", res.Pid) })
+	}
 	in, err := openStdio(rf.stdin, os.Stdin, os.O_RDONLY)
 	if err != nil {
 		return err
@@ -79,7 +98,7 @@ func runRestore(args []string) error {
 	}
 	// The pager must outlive this command: restore in a daemon whose
 	// stdio become the clone's.
-	var st restoreStats
+	var st live.RestoreStats
 	logPath := filepath.Join(os.TempDir(), fmt.Sprintf("cowmig-restore-%d.log", os.Getpid()))
 	if err := runDaemon(daemonRestore, args, logPath, []*os.File{in, out, errf}, &st); err != nil {
 		return err
@@ -98,12 +117,8 @@ func restoreDaemon(args []string) error {
 	if err != nil {
 		return daemon.ReportFailure(err)
 	}
-	st := restoreStats{Pid: r.Pid, NSPid: r.NSPid, RestoreMs: float64(r.Duration.Microseconds()) / 1000,
-		Mode: string(r.Image.Mode), LazyPages: r.Image.Stats.PagesLazy, PagerPid: os.Getpid()}
-	st.PhasesMs = map[string]float64{}
-	for _, p := range r.Phases {
-		st.PhasesMs[p.Name] += float64(p.D.Microseconds()) / 1000
-	}
+	st := r.Stats()
+	st.PagerPid = os.Getpid()
 	daemon.Report(st)
 	log := daemon.Log()
 	start := time.Now()

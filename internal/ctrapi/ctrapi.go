@@ -1,0 +1,184 @@
+// Package ctrapi drives containerd's API for cowmig's CLI: checkpoint a
+// container that runs under the cowmig shim with options ctr cannot
+// express (mode, page-server address, TTL) and read back the shim's
+// statistics, and restore such a checkpoint as a new container. The shim
+// does the work; this package only speaks to containerd.
+package ctrapi
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/containerd/containerd/api/services/tasks/v1"
+	"github.com/containerd/containerd/api/types"
+	"github.com/containerd/containerd/api/types/runc/options"
+	containerd "github.com/containerd/containerd/v2/client"
+	"github.com/containerd/containerd/v2/core/images"
+	"github.com/containerd/containerd/v2/pkg/cio"
+	"github.com/containerd/containerd/v2/pkg/namespaces"
+	"github.com/containerd/typeurl/v2"
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+
+	"github.com/cowmig/cowmig/internal/live"
+	"github.com/cowmig/cowmig/shim/shimapi"
+)
+
+// Target names a containerd instance and namespace.
+type Target struct {
+	Address   string
+	Namespace string
+}
+
+func (t Target) connect(ctx context.Context) (*containerd.Client, context.Context, error) {
+	c, err := containerd.New(t.Address, containerd.WithTimeout(10*time.Second))
+	if err != nil {
+		return nil, nil, fmt.Errorf("connect to containerd at %s: %w", t.Address, err)
+	}
+	return c, namespaces.WithNamespace(ctx, t.Namespace), nil
+}
+
+// Checkpoint checkpoints container id into dir (created if needed)
+// without pausing it (the shim freezes the process itself). With exit
+// the task stops once the snapshot is safe (migration).
+func Checkpoint(ctx context.Context, t Target, id, dir string, req shimapi.CheckpointRequest, exit bool) (live.CheckpointStats, error) {
+	var st live.CheckpointStats
+	c, ctx, err := t.connect(ctx)
+	if err != nil {
+		return st, err
+	}
+	defer c.Close()
+	ctr, err := c.LoadContainer(ctx, id)
+	if err != nil {
+		return st, fmt.Errorf("container %s: %w", id, err)
+	}
+	info, err := ctr.Info(ctx)
+	if err != nil {
+		return st, fmt.Errorf("container %s: %w", id, err)
+	}
+	if info.Runtime.Name != shimapi.RuntimeName {
+		return st, fmt.Errorf("container %s runs under %s, not %s", id, info.Runtime.Name, shimapi.RuntimeName)
+	}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return st, fmt.Errorf("create image dir: %w", err)
+	}
+	work, err := os.MkdirTemp("", "cowmig-request-")
+	if err != nil {
+		return st, err
+	}
+	defer os.RemoveAll(work)
+	req.ImageRef = info.Image
+	b, err := json.Marshal(req)
+	if err != nil {
+		return st, err
+	}
+	if err := os.WriteFile(filepath.Join(work, shimapi.RequestFile), b, 0o600); err != nil {
+		return st, fmt.Errorf("write checkpoint request: %w", err)
+	}
+	opts, err := typeurl.MarshalAnyToProto(&options.CheckpointOptions{Exit: exit, ImagePath: dir, WorkPath: work})
+	if err != nil {
+		return st, err
+	}
+	// The task service directly: a client-side Task.Checkpoint would
+	// pause the task around the call, for nothing.
+	if _, err := c.TaskService().Checkpoint(ctx, &tasks.CheckpointTaskRequest{ContainerID: id, Options: opts}); err != nil {
+		return st, fmt.Errorf("checkpoint %s: %w", id, err)
+	}
+	if b, err = os.ReadFile(filepath.Join(work, shimapi.StatsFile)); err != nil {
+		return st, fmt.Errorf("read the shim's checkpoint statistics: %w", err)
+	}
+	if err := json.Unmarshal(b, &st); err != nil {
+		return st, fmt.Errorf("decode the shim's checkpoint statistics: %w", err)
+	}
+	st.Image = dir
+	return st, nil
+}
+
+// RestoreOptions configure Restore.
+type RestoreOptions struct {
+	// Ref is the container image the checkpointed container ran
+	// (default: the one recorded at checkpoint).
+	Ref string
+	// LogPath receives the clone's stdout and stderr (default: none).
+	LogPath string
+}
+
+// RestoreResult describes a restored container.
+type RestoreResult struct {
+	ID  string `json:"id"`
+	Pid int    `json:"pid"`
+	// StartMs is containerd's NewTask (create and start) as this
+	// command saw it; the shim's own figures are in Shim.
+	StartMs float64           `json:"start_ms"`
+	Shim    live.RestoreStats `json:"shim"`
+}
+
+// Restore creates container id from the checkpoint in dir (written by
+// Checkpoint or `ctr task checkpoint --image-path`), with the source's
+// spec and image, and starts it under the cowmig shimapi.
+func Restore(ctx context.Context, t Target, id, dir string, o RestoreOptions) (RestoreResult, error) {
+	res := RestoreResult{ID: id}
+	b, err := os.ReadFile(filepath.Join(dir, shimapi.SpecFile))
+	if err != nil {
+		return res, fmt.Errorf("read the checkpointed spec: %w", err)
+	}
+	var spec specs.Spec
+	if err := json.Unmarshal(b, &spec); err != nil {
+		return res, fmt.Errorf("decode the checkpointed spec: %w", err)
+	}
+	var cst live.CheckpointStats
+	if b, err := os.ReadFile(filepath.Join(dir, shimapi.StatsFile)); err == nil {
+		json.Unmarshal(b, &cst)
+	}
+	ref := o.Ref
+	if ref == "" {
+		ref = cst.ImageRef
+	}
+	if ref == "" {
+		return res, errors.New("no container image: the checkpoint records none; give one")
+	}
+	c, ctx, err := t.connect(ctx)
+	if err != nil {
+		return res, err
+	}
+	defer c.Close()
+	img, err := c.GetImage(ctx, ref)
+	if err != nil {
+		return res, fmt.Errorf("image %s: %w", ref, err)
+	}
+	ctr, err := c.NewContainer(ctx, id,
+		containerd.WithImage(img),
+		containerd.WithNewSnapshot(id, img),
+		containerd.WithSpec(&spec),
+		containerd.WithRuntime(shimapi.RuntimeName, nil))
+	if err != nil {
+		return res, fmt.Errorf("create container %s: %w", id, err)
+	}
+	creator := cio.NullIO
+	if o.LogPath != "" {
+		creator = cio.LogFile(o.LogPath)
+	}
+	fromDir := func(_ context.Context, _ *containerd.Client, ti *containerd.TaskInfo) error {
+		ti.Checkpoint = &types.Descriptor{MediaType: images.MediaTypeContainerd1Checkpoint,
+			Annotations: map[string]string{"RestoreFromPath": dir}}
+		return nil
+	}
+	// With RestoreFromPath containerd starts the task right after
+	// creating it (the restore path CRI uses): no Start here.
+	start := time.Now()
+	task, err := ctr.NewTask(ctx, creator, fromDir)
+	if err != nil {
+		ctr.Delete(ctx, containerd.WithSnapshotCleanup)
+		return res, fmt.Errorf("create task %s: %w", id, err)
+	}
+	res.StartMs = float64(time.Since(start).Microseconds()) / 1000
+	res.Pid = int(task.Pid())
+	if b, err := os.ReadFile(filepath.Join(dir, shimapi.RestoreStatsPrefix+id+".json")); err == nil {
+		json.Unmarshal(b, &res.Shim)
+	}
+	return res, nil
+}
