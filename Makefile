@@ -14,8 +14,11 @@ export PATH := $(dir $(GO)):$(PATH)
 
 all: build
 
+# deps installs apt packages and sysctls (deps.sh), then containerd, ctr,
+# the runc shim, runc and nerdctl (containerd-deps.sh).
 deps:
 	bash scripts/deps.sh
+	GO=$(GO) bash scripts/containerd-deps.sh
 
 # The cmd/ packages may not exist yet in a young tree; build them once they do.
 build:
@@ -43,6 +46,9 @@ bench: deps build
 demo: deps build
 	GO=$(GO) bash scripts/demo.sh
 
+# install puts the shim and cowmig on PATH, the containerd drop-in in
+# conf.d and an example shim config (kept if one exists).
+SYSCONFDIR ?= /etc
 install: build
 	@install -d $(DESTDIR)$(PREFIX)/bin
 	@set -e; for f in $(BINDIR)/*; do \
@@ -50,6 +56,13 @@ install: build
 		echo "install $$f $(DESTDIR)$(PREFIX)/bin/"; \
 		install -m 0755 "$$f" $(DESTDIR)$(PREFIX)/bin/; \
 	done
+	install -D -m 0644 config/cowmig.toml $(DESTDIR)$(SYSCONFDIR)/containerd/conf.d/cowmig.toml
+	@if [ -e $(DESTDIR)$(SYSCONFDIR)/cowmig/config.toml ]; then \
+		echo "keep $(DESTDIR)$(SYSCONFDIR)/cowmig/config.toml"; \
+	else \
+		echo "install config/config.toml $(DESTDIR)$(SYSCONFDIR)/cowmig/config.toml"; \
+		install -D -m 0644 config/config.toml $(DESTDIR)$(SYSCONFDIR)/cowmig/config.toml; \
+	fi
 
 clean:
 	rm -rf $(BINDIR)

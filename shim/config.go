@@ -78,12 +78,31 @@ func LoadConfig() (Config, string, error) {
 	d := toml.NewDecoder(strings.NewReader(string(b)))
 	d.DisallowUnknownFields()
 	if err := d.Decode(&c); err != nil {
-		return c, path, fmt.Errorf("parse cowmig config %s: %w", path, err)
+		return c, path, fmt.Errorf("parse cowmig config %s: %w", path, tomlError(err))
 	}
 	if err := c.Validate(); err != nil {
 		return c, path, fmt.Errorf("cowmig config %s: %w", path, err)
 	}
 	return c, path, nil
+}
+
+// tomlError names the keys and lines a TOML error is about.
+func tomlError(err error) error {
+	var missing *toml.StrictMissingError
+	if errors.As(err, &missing) {
+		var keys []string
+		for _, e := range missing.Errors {
+			row, _ := e.Position()
+			keys = append(keys, fmt.Sprintf("%s (line %d)", strings.Join(e.Key(), "."), row))
+		}
+		return fmt.Errorf("unknown keys %s", strings.Join(keys, ", "))
+	}
+	var de *toml.DecodeError
+	if errors.As(err, &de) {
+		row, _ := de.Position()
+		return fmt.Errorf("line %d: %s: %w", row, strings.Join(de.Key(), "."), err)
+	}
+	return err
 }
 
 // Validate checks the page-server addresses.
