@@ -22,6 +22,7 @@ type restoreFlags struct {
 	json                  bool
 	// containerd mode: restore as a new container through containerd.
 	address, namespace, container, ref string
+	checkpoint                         string
 }
 
 func (r *restoreFlags) parse(args []string) error {
@@ -35,6 +36,7 @@ func (r *restoreFlags) parse(args []string) error {
 	fs.StringVar(&r.namespace, "namespace", "default", "containerd namespace")
 	fs.StringVar(&r.container, "container", "", "ID of the new containerd container")
 	fs.StringVar(&r.ref, "ref", "", "containerd: the container image (default: the one recorded at checkpoint)")
+	fs.StringVar(&r.checkpoint, "checkpoint", "", "containerd: restore this checkpoint image (from ctr task|container checkpoint) instead of --image")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -46,8 +48,17 @@ func (r *restoreFlags) parse(args []string) error {
 	if r.container != "" && r.address == "" {
 		r.address = "/run/containerd/containerd.sock"
 	}
-	if r.dir == "" {
+	if r.checkpoint != "" && r.address == "" {
+		r.address = "/run/containerd/containerd.sock"
+	}
+	if r.dir == "" && r.checkpoint == "" {
 		return errors.New("--image is required")
+	}
+	if r.dir != "" && r.checkpoint != "" {
+		return errors.New("--image and --checkpoint are exclusive")
+	}
+	if r.dir == "" {
+		return nil
 	}
 	if r.address != "" && r.container == "" {
 		return errors.New("--address needs the new container's ID (--container or an argument)")
@@ -77,8 +88,18 @@ func runRestore(args []string) error {
 		if rf.stdin != "" || rf.stderr != "" {
 			return errors.New("containerd restore: the clone's output goes to --stdout (a log file) only")
 		}
-		res, err := ctrapi.Restore(context.Background(), ctrapi.Target{Address: rf.address, Namespace: rf.namespace},
-			rf.container, rf.dir, ctrapi.RestoreOptions{Ref: rf.ref, LogPath: rf.stdout})
+		if rf.container == "" {
+			return errors.New("the new container's ID is required (--container or an argument)")
+		}
+		target := ctrapi.Target{Address: rf.address, Namespace: rf.namespace}
+		o := ctrapi.RestoreOptions{Ref: rf.ref, LogPath: rf.stdout}
+		var res ctrapi.RestoreResult
+		var err error
+		if rf.checkpoint != "" {
+			res, err = ctrapi.RestoreImage(context.Background(), target, rf.container, rf.checkpoint, o)
+		} else {
+			res, err = ctrapi.Restore(context.Background(), target, rf.container, rf.dir, o)
+		}
 		if err != nil {
 			return err
 		}

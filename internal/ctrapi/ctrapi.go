@@ -18,11 +18,15 @@ import (
 	"github.com/containerd/containerd/api/types"
 	"github.com/containerd/containerd/api/types/runc/options"
 	containerd "github.com/containerd/containerd/v2/client"
+	"github.com/containerd/containerd/v2/core/content"
 	"github.com/containerd/containerd/v2/core/images"
 	"github.com/containerd/containerd/v2/pkg/cio"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/containerd/typeurl/v2"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/anypb"
 
 	"github.com/cowmig/cowmig/internal/live"
 	"github.com/cowmig/cowmig/shim/shimapi"
@@ -114,7 +118,9 @@ type RestoreResult struct {
 	// StartMs is containerd's NewTask (create and start) as this
 	// command saw it; the shim's own figures are in Shim.
 	StartMs float64           `json:"start_ms"`
-	Shim    live.RestoreStats `json:"shim"`
+	// Shim is the shim's report, when it could leave one where this
+	// command finds it (a restore from a directory).
+	Shim *live.RestoreStats `json:"shim,omitempty"`
 }
 
 // Restore creates container id from the checkpoint in dir (written by
@@ -178,7 +184,101 @@ func Restore(ctx context.Context, t Target, id, dir string, o RestoreOptions) (R
 	res.StartMs = float64(time.Since(start).Microseconds()) / 1000
 	res.Pid = int(task.Pid())
 	if b, err := os.ReadFile(filepath.Join(dir, shimapi.RestoreStatsPrefix+id+".json")); err == nil {
-		json.Unmarshal(b, &res.Shim)
+		var st live.RestoreStats
+		if json.Unmarshal(b, &st) == nil {
+			res.Shim = &st
+		}
 	}
+	return res, nil
+}
+
+// RestoreImage creates container id from checkpoint image ref in
+// containerd's image store, as `ctr task checkpoint` or `ctr c checkpoint
+// --task` make it, and starts it under the cowmig shim. It reads the spec
+// and the container image from the checkpoint itself: `ctr c restore`
+// cannot restore a task checkpoint, whose index lacks the annotations it
+// wants (org.opencontainers.image.ref.name and the snapshotter).
+func RestoreImage(ctx context.Context, t Target, id, ref string, o RestoreOptions) (RestoreResult, error) {
+	res := RestoreResult{ID: id}
+	c, ctx, err := t.connect(ctx)
+	if err != nil {
+		return res, err
+	}
+	defer c.Close()
+	ckpt, err := c.GetImage(ctx, ref)
+	if err != nil {
+		return res, fmt.Errorf("checkpoint image %s: %w", ref, err)
+	}
+	b, err := content.ReadBlob(ctx, c.ContentStore(), ckpt.Target())
+	if err != nil {
+		return res, fmt.Errorf("read checkpoint index %s: %w", ref, err)
+	}
+	var index ocispec.Index
+	if err := json.Unmarshal(b, &index); err != nil {
+		return res, fmt.Errorf("decode checkpoint index %s: %w", ref, err)
+	}
+	var spec *specs.Spec
+	for _, m := range index.Manifests {
+		if m.MediaType != images.MediaTypeContainerd1CheckpointConfig {
+			continue
+		}
+		data, err := content.ReadBlob(ctx, c.ContentStore(), m)
+		if err != nil {
+			return res, fmt.Errorf("read checkpointed spec: %w", err)
+		}
+		var a anypb.Any
+		if err := proto.Unmarshal(data, &a); err != nil {
+			return res, fmt.Errorf("decode checkpointed spec: %w", err)
+		}
+		v, err := typeurl.UnmarshalAny(&a)
+		if err != nil {
+			return res, fmt.Errorf("decode checkpointed spec: %w", err)
+		}
+		var ok bool
+		if spec, ok = v.(*specs.Spec); !ok {
+			return res, fmt.Errorf("checkpointed spec is a %T", v)
+		}
+	}
+	if spec == nil {
+		return res, fmt.Errorf("checkpoint image %s has no spec (%s)", ref, images.MediaTypeContainerd1CheckpointConfig)
+	}
+	base := o.Ref
+	for _, key := range []string{ocispec.AnnotationRefName, "image.name"} {
+		if base == "" {
+			base = index.Annotations[key]
+		}
+	}
+	if base == "" {
+		return res, fmt.Errorf("checkpoint image %s names no container image; give one", ref)
+	}
+	img, err := c.GetImage(ctx, base)
+	if err != nil {
+		return res, fmt.Errorf("image %s: %w", base, err)
+	}
+	ctr, err := c.NewContainer(ctx, id,
+		containerd.WithImage(img),
+		containerd.WithNewSnapshot(id, img),
+		containerd.WithSpec(spec),
+		containerd.WithRuntime(shimapi.RuntimeName, nil))
+	if err != nil {
+		return res, fmt.Errorf("create container %s: %w", id, err)
+	}
+	creator := cio.NullIO
+	if o.LogPath != "" {
+		creator = cio.LogFile(o.LogPath)
+	}
+	start := time.Now()
+	task, err := ctr.NewTask(ctx, creator, containerd.WithTaskCheckpoint(ckpt))
+	if err != nil {
+		ctr.Delete(ctx, containerd.WithSnapshotCleanup)
+		return res, fmt.Errorf("create task %s: %w", id, err)
+	}
+	if err := task.Start(ctx); err != nil {
+		task.Delete(ctx, containerd.WithProcessKill)
+		ctr.Delete(ctx, containerd.WithSnapshotCleanup)
+		return res, fmt.Errorf("start task %s: %w", id, err)
+	}
+	res.StartMs = float64(time.Since(start).Microseconds()) / 1000
+	res.Pid = int(task.Pid())
 	return res, nil
 }
