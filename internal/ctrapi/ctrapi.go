@@ -117,7 +117,7 @@ type RestoreResult struct {
 	Pid int    `json:"pid"`
 	// StartMs is containerd's NewTask (create and start) as this
 	// command saw it; the shim's own figures are in Shim.
-	StartMs float64           `json:"start_ms"`
+	StartMs float64 `json:"start_ms"`
 	// Shim is the shim's report, when it could leave one where this
 	// command finds it (a restore from a directory).
 	Shim *live.RestoreStats `json:"shim,omitempty"`
