@@ -24,7 +24,7 @@ import (
 
 // cowmigBin is the command under test. TestMain builds it once before any
 // test runs; it is read-only afterwards.
-var cowmigBin string
+var cowmigBin, shimBin string
 
 const (
 	// cliTimeout bounds one cowmig invocation.
@@ -60,6 +60,14 @@ func runTests(m *testing.M) int {
 		return 1
 	}
 	cowmigBin = bin
+	// The containerd tests put this directory on containerd's PATH.
+	shimBin = filepath.Join(dir, "containerd-shim-cowmig-v2")
+	build = exec.Command(goTool(), "build", "-o", shimBin, "./cmd/containerd-shim-cowmig-v2")
+	build.Dir = root
+	if out, err := build.CombinedOutput(); err != nil {
+		fmt.Fprintf(os.Stderr, "integration: go build ./cmd/containerd-shim-cowmig-v2: %v\n%s", err, out)
+		return 1
+	}
 	if os.Geteuid() == 0 {
 		// The daemons the command leaves behind (page server, pager) and
 		// the clones' namespace stubs are reparented to this process when

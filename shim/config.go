@@ -15,9 +15,8 @@ import (
 )
 
 // ConfigEnv names the environment variable that overrides the config
-// file's path. containerd starts shims with its own environment, so it is
-// set where containerd runs (a systemd drop-in, or the test harness).
-const ConfigEnv = "COWMIG_CONFIG"
+// file's path.
+const ConfigEnv = shimapi.ConfigEnv
 
 // DefaultConfigPath is read when ConfigEnv is unset; a missing file means
 // the defaults.

@@ -13,13 +13,13 @@ import (
 	"syscall"
 	"time"
 
+	eventstypes "github.com/containerd/containerd/api/events"
 	taskAPI "github.com/containerd/containerd/api/runtime/task/v3"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/containerd/containerd/v2/pkg/sys/reaper"
 	"github.com/containerd/log"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"golang.org/x/sys/unix"
-	"google.golang.org/protobuf/types/known/structpb"
 
 	"github.com/cowmig/cowmig/checkpoint"
 	"github.com/cowmig/cowmig/internal/daemon"
@@ -40,7 +40,8 @@ var restoreCaps = []string{"CAP_CHECKPOINT_RESTORE", "CAP_SETPCAP"}
 
 // TopicRestoreFailed is the containerd event topic of a restored task
 // killed because its pages could not be served; the event is a
-// google.protobuf.Struct with container_id, pid and error.
+// containerd.events.ContainerUpdate whose labels io.cowmig.restore.error
+// and io.cowmig.restore.pid say why and which process.
 const TopicRestoreFailed = "/tasks/cowmig/restore-failed"
 
 // restore is a container being created from a cowmig checkpoint.
@@ -216,11 +217,13 @@ func (s *service) publishFailure(ctx context.Context, id string, pid int, msg st
 	if s.publisher == nil {
 		return
 	}
-	ev, err := structpb.NewStruct(map[string]any{"container_id": id, "pid": pid, "error": msg})
-	if err == nil {
-		err = s.publisher.Publish(ctx, TopicRestoreFailed, ev)
-	}
-	if err != nil {
+	// A type every containerd client decodes (ctr events drops types it
+	// does not link, such as google.protobuf.Struct).
+	ev := &eventstypes.ContainerUpdate{ID: id, Labels: map[string]string{
+		"io.cowmig.restore.error": msg,
+		"io.cowmig.restore.pid":   fmt.Sprint(pid),
+	}}
+	if err := s.publisher.Publish(ctx, TopicRestoreFailed, ev); err != nil {
 		log.G(ctx).WithError(err).Warn("publish cowmig restore failure")
 	}
 }

@@ -9,6 +9,11 @@ import "time"
 // RuntimeName is the runtime containerd knows the shim by.
 const RuntimeName = "io.containerd.cowmig.v2"
 
+// ConfigEnv names the environment variable that overrides the shim's
+// config file path (default /etc/cowmig/config.toml). containerd starts
+// shims with its own environment, so it is set where containerd runs.
+const ConfigEnv = "COWMIG_CONFIG"
+
 // Files in a checkpoint directory (and in CheckpointOptions.WorkPath).
 const (
 	// RequestFile, in WorkPath, is a CheckpointRequest: how a client

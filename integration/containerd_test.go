@@ -1,0 +1,495 @@
+package integration
+
+// Tests of the containerd shim on real components: two containerd
+// instances (hosts A and B, two network namespaces joined by veth), runc,
+// ctr and nerdctl, and the kvserver workload (internal/ctrtest). They need
+// root and the tools `make deps` installs; they skip without them.
+
+import (
+	"bufio"
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/cowmig/cowmig/internal/ctrtest"
+	"github.com/cowmig/cowmig/internal/live"
+	"github.com/cowmig/cowmig/shim/shimapi"
+)
+
+const kvPort = "7070"
+
+// ctrHosts starts hosts A and B whose containerd finds the cowmig shim on
+// its PATH, imports the drop-in config/cowmig.toml, and gives the shim a
+// config: page servers on the host's veth address, runc state of its own.
+func ctrHosts(t *testing.T) (a, b *ctrtest.Host) {
+	t.Helper()
+	needRoot(t)
+	ctrtest.SkipUnlessContainerd(t)
+	root, err := moduleRoot()
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	n := ctrtest.NewNet(t)
+	start := func(ns *ctrtest.Netns) *ctrtest.Host {
+		cfgDir := filepath.Join(dir, "cowmig-"+ns.IP)
+		if err := os.MkdirAll(cfgDir, 0o700); err != nil {
+			t.Fatal(err)
+		}
+		cfg := filepath.Join(cfgDir, "config.toml")
+		text := fmt.Sprintf("listen = \"tcp:%s:0\"\nttl = \"2m\"\nrunc_root = %q\nstate_dir = %q\n",
+			ns.IP, filepath.Join(cfgDir, "runc"), filepath.Join(cfgDir, "state"))
+		if err := os.WriteFile(cfg, []byte(text), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		return ctrtest.StartHost(t, ns, dir, ctrtest.Options{
+			ExtraPath: filepath.Dir(shimBin),
+			Env:       []string{shimapi.ConfigEnv + "=" + cfg},
+			Imports:   []string{filepath.Join(root, "config", "cowmig.toml")},
+		})
+	}
+	a, b = start(n.A), start(n.B)
+	tarPath, _ := ctrtest.BuildImage(t, dir)
+	a.Import(t, tarPath)
+	b.Import(t, tarPath)
+	return a, b
+}
+
+// ctr runs ctr on h and fails the test on error.
+func ctr(t *testing.T, h *ctrtest.Host, args ...string) string {
+	t.Helper()
+	out, err := h.Ctr(args...)
+	if err != nil {
+		t.Fatalf("host %s: %v", h.Name(), err)
+	}
+	return strings.TrimSpace(out)
+}
+
+// query asks the kvserver at addr from h's network namespace.
+func query(t *testing.T, h *ctrtest.Host, addr, cmd string) string {
+	t.Helper()
+	line, err := h.Query(addr, cmd, 10*time.Second)
+	if err != nil {
+		t.Fatalf("host %s: %s to %s: %v", h.Name(), cmd, addr, err)
+	}
+	return line
+}
+
+// kvState is a kvserver's PAUSE or VERIFY answer: its step count and the
+// checksum of all its memory.
+type kvState struct {
+	count uint64
+	sum   string
+}
+
+var kvStateRE = regexp.MustCompile(`count=(\d+) .*sum=([0-9a-f]+)|count=(\d+) sum=([0-9a-f]+)`)
+
+func parseKV(t *testing.T, line, want string) kvState {
+	t.Helper()
+	if !strings.HasPrefix(line, want) {
+		t.Fatalf("kvserver answered %q, want %q...", line, want)
+	}
+	m := kvStateRE.FindStringSubmatch(line)
+	if m == nil {
+		t.Fatalf("kvserver answer %q has no count and sum", line)
+	}
+	c, s := m[1], m[2]
+	if c == "" {
+		c, s = m[3], m[4]
+	}
+	n, _ := strconv.ParseUint(c, 10, 64)
+	return kvState{n, s}
+}
+
+// taskPid is the host pid of container id's task on h, and its status.
+func taskPid(t *testing.T, h *ctrtest.Host, id string) (int, string) {
+	t.Helper()
+	for _, l := range strings.Split(ctr(t, h, "task", "ls"), "\n") {
+		f := strings.Fields(l)
+		if len(f) == 3 && f[0] == id {
+			pid, _ := strconv.Atoi(f[1])
+			return pid, f[2]
+		}
+	}
+	t.Fatalf("host %s: no task %s", h.Name(), id)
+	return 0, ""
+}
+
+// waitStatus waits until container id's task on h has status want.
+func waitStatus(t *testing.T, h *ctrtest.Host, id, want string, timeout time.Duration) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for {
+		_, st := taskPid(t, h, id)
+		if st == want {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("host %s: task %s is %s after %v, want %s", h.Name(), id, st, timeout, want)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// move exports image ref from a and imports it on b.
+func move(t *testing.T, a, b *ctrtest.Host, ref string) {
+	t.Helper()
+	tar := filepath.Join(a.Dir(), "checkpoint.tar")
+	ctr(t, a, "image", "export", "--skip-manifest-json", tar, ref)
+	ctr(t, b, "image", "import", tar)
+}
+
+// checkpointRef extracts the image name `ctr task checkpoint` prints.
+func checkpointRef(t *testing.T, out string) string {
+	t.Helper()
+	for _, l := range strings.Split(out, "\n") {
+		if strings.HasPrefix(l, "containerd.io/checkpoint/") {
+			return strings.TrimSpace(l)
+		}
+	}
+	t.Fatalf("no checkpoint image in ctr output %q", out)
+	return ""
+}
+
+// The source is paused at a safe point (PAUSE) for the checkpoint, so the
+// clone must hold exactly the source's memory: same count, same checksum
+// of all of it. Then both run on, and the source keeps serving.
+func TestCtrContainerCheckpointRestoreLive(t *testing.T) {
+	a, b := ctrHosts(t)
+	addrA := a.RunKV(t, "kv", shimapi.RuntimeName, "-mib", "128", "-port", kvPort)
+	// Writers run during the first checkpoint: the clone must verify.
+	ctr(t, a, "container", "checkpoint", "--task", "kv", "ckpt/kv:running")
+	src := parseKV(t, query(t, a, addrA, "PAUSE"), "paused")
+	ctr(t, a, "container", "checkpoint", "--task", "kv", "ckpt/kv:paused")
+	query(t, a, addrA, "RESUME")
+	move(t, a, b, "ckpt/kv:paused")
+	move(t, a, b, "ckpt/kv:running")
+
+	ctr(t, b, "container", "restore", "--live", "clone1", "ckpt/kv:paused")
+	addrB := b.IP() + ":" + kvPort
+	got := parseKV(t, query(t, b, addrB, "VERIFY"), "verify ok")
+	if got != src {
+		t.Errorf("clone holds count=%d sum=%s, the source had count=%d sum=%s at the checkpoint", got.count, got.sum, src.count, src.sum)
+	}
+	query(t, b, addrB, "RESUME")
+	after := parseKV(t, query(t, b, addrB, "VERIFY"), "verify ok")
+	if after.count <= got.count {
+		t.Errorf("clone does not run on: count %d then %d", got.count, after.count)
+	}
+	// The source kept running and serving.
+	s2 := parseKV(t, query(t, a, addrA, "VERIFY"), "verify ok")
+	if s2.count <= src.count {
+		t.Errorf("source does not run on: count %d then %d", src.count, s2.count)
+	}
+
+	// A second clone of another snapshot, taken under fire.
+	ctr(t, b, "task", "kill", "-s", "KILL", "clone1")
+	waitStatus(t, b, "clone1", "STOPPED", 10*time.Second)
+	ctr(t, b, "container", "restore", "--live", "clone2", "ckpt/kv:running")
+	v := parseKV(t, query(t, b, addrB, "VERIFY"), "verify ok")
+	t.Logf("clone of the running source: %+v", v)
+	// And a third clone of the paused snapshot: one snapshot, several clones.
+	ctr(t, b, "task", "kill", "-s", "KILL", "clone2")
+	waitStatus(t, b, "clone2", "STOPPED", 10*time.Second)
+	ctr(t, b, "container", "restore", "--live", "clone3", "ckpt/kv:paused")
+	if got := parseKV(t, query(t, b, addrB, "VERIFY"), "verify ok"); got != src {
+		t.Errorf("second clone of one snapshot holds %+v, want %+v", got, src)
+	}
+}
+
+// ctr task checkpoint (the client pauses the task around the call) →
+// export/import → restore on B. `ctr c restore` cannot restore a task
+// checkpoint (its index lacks the image name annotation), so cowmig
+// restore --checkpoint does.
+func TestCtrTaskCheckpointRestore(t *testing.T) {
+	a, b := ctrHosts(t)
+	addrA := a.RunKV(t, "kv", shimapi.RuntimeName, "-mib", "128", "-port", kvPort)
+	src := parseKV(t, query(t, a, addrA, "PAUSE"), "paused")
+	ref := checkpointRef(t, ctr(t, a, "task", "checkpoint", "kv"))
+	query(t, a, addrA, "RESUME")
+	if _, st := taskPid(t, a, "kv"); st != "RUNNING" {
+		t.Fatalf("source task is %s after the checkpoint", st)
+	}
+	move(t, a, b, ref)
+	if out, err := b.Ctr("container", "restore", "--live", "nope", ref); err == nil {
+		t.Logf("ctr c restore of a task checkpoint worked after all: %s", out)
+	}
+	out := cowmigCmd(t, b, "restore", "--address", b.Address(), "--namespace", b.Namespace(), "--checkpoint", ref, "--json", "clone")
+	var res struct{ Pid int }
+	if err := json.Unmarshal([]byte(out), &res); err != nil || res.Pid <= 0 {
+		t.Fatalf("cowmig restore --json: %q (%v)", out, err)
+	}
+	got := parseKV(t, query(t, b, b.IP()+":"+kvPort, "VERIFY"), "verify ok")
+	if got != src {
+		t.Errorf("clone holds %+v, the source had %+v", got, src)
+	}
+	parseKV(t, query(t, a, addrA, "VERIFY"), "verify ok")
+}
+
+// ctr task checkpoint --exit: migration. The source task stops once the
+// snapshot is safe; the clone on B runs from the page server that outlives
+// the source's task (and its deletion).
+func TestCtrCheckpointExitMigrates(t *testing.T) {
+	a, b := ctrHosts(t)
+	addrA := a.RunKV(t, "kv", shimapi.RuntimeName, "-mib", "128", "-port", kvPort)
+	src := parseKV(t, query(t, a, addrA, "PAUSE"), "paused")
+	ref := checkpointRef(t, ctr(t, a, "task", "checkpoint", "--exit", "kv"))
+	waitStatus(t, a, "kv", "STOPPED", 10*time.Second)
+	ctr(t, a, "task", "delete", "kv")
+	move(t, a, b, ref)
+	cowmigCmd(t, b, "restore", "--address", b.Address(), "--namespace", b.Namespace(), "--checkpoint", ref, "clone")
+	got := parseKV(t, query(t, b, b.IP()+":"+kvPort, "VERIFY"), "verify ok")
+	if got != src {
+		t.Errorf("migrated clone holds %+v, the source had %+v", got, src)
+	}
+	query(t, b, b.IP()+":"+kvPort, "RESUME")
+	parseKV(t, query(t, b, b.IP()+":"+kvPort, "VERIFY"), "verify ok")
+}
+
+// The page server on A, or the pager on B, is killed while B's clone
+// still pulls pages: the clone is killed (never left running on
+// zero-filled pages: the shim holds the clone's uffd, so its faults wait
+// for the kill), the task reports the kill, and containerd's events say
+// why.
+func TestCtrPageServerKilledDuringRestore(t *testing.T) {
+	for _, victim := range []string{"page-server", "pager"} {
+		t.Run(victim, func(t *testing.T) { testKilledDuringRestore(t, victim) })
+	}
+}
+
+func testKilledDuringRestore(t *testing.T, victim string) {
+	a, b := ctrHosts(t)
+	a.RunKV(t, "kv", shimapi.RuntimeName, "-mib", "768", "-port", kvPort)
+	ctr(t, a, "container", "checkpoint", "--task", "kv", "ckpt/kv:1")
+	move(t, a, b, "ckpt/kv:1")
+	srcPid, _ := taskPid(t, a, "kv")
+
+	events := b.Command("ctr", "-a", b.Address(), "-n", b.Namespace(), "events")
+	evOut, err := events.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := events.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer events.Process.Kill()
+	lines := make(chan string, 100)
+	go func() {
+		sc := bufio.NewScanner(evOut)
+		for sc.Scan() {
+			lines <- sc.Text()
+		}
+		close(lines)
+	}()
+
+	ctr(t, b, "container", "restore", "--live", "clone", "ckpt/kv:1")
+	kill := daemonOf(t, "__cowmig-page-server", fmt.Sprintf("--pid\x00%d\x00", srcPid))
+	if victim == "pager" {
+		clonePid, _ := taskPid(t, b, "clone")
+		kill = daemonOf(t, "__cowmig-pager", fmt.Sprintf("--stub\x00%d\x00", clonePid))
+	}
+	if err := kill.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	waitStatus(t, b, "clone", "STOPPED", 20*time.Second)
+	var failed, exited bool
+	timeout := time.After(10 * time.Second)
+	for !(failed && exited) {
+		select {
+		case l, ok := <-lines:
+			if !ok {
+				t.Fatalf("ctr events ended")
+			}
+			if strings.Contains(l, "/tasks/cowmig/restore-failed") && strings.Contains(l, "clone") {
+				failed = true
+				t.Logf("event: %s", l)
+			}
+			if strings.Contains(l, "/tasks/exit") && strings.Contains(l, `"clone"`) {
+				exited = true
+				if !strings.Contains(l, `"exit_status":137`) {
+					t.Errorf("clone exit event %s, want exit status 137 (SIGKILL)", l)
+				}
+			}
+		case <-timeout:
+			t.Fatalf("events: restore-failed %v, exit %v", failed, exited)
+		}
+	}
+	log := readFile(filepath.Join(b.State(), "io.containerd.runtime.v2.task", b.Namespace(), "clone", "cowmig-pager.log"))
+	if strings.Contains(log, "lazy pages local") {
+		t.Fatalf("the clone had every page before the kill; the test proves nothing:\n%s", log)
+	}
+	t.Logf("pager log:\n%s", log)
+}
+
+// daemonOf finds the shim daemon (page server, pager) whose command line
+// has the argument with and holds want.
+func daemonOf(t *testing.T, with, want string) *os.Process {
+	t.Helper()
+	ents, _ := os.ReadDir("/proc")
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+		if err != nil || !strings.Contains(string(b), with+"\x00") || !strings.Contains(string(b), want) {
+			continue
+		}
+		p, _ := os.FindProcess(pid)
+		return p
+	}
+	t.Fatalf("no %s daemon with %q", with, want)
+	return nil
+}
+
+// The container's seccomp filter, capabilities and no_new_privs read the
+// same on the clone as on the source.
+func TestCtrSecurityAttributesPreserved(t *testing.T) {
+	a, b := ctrHosts(t)
+	logURI := "file://" + filepath.Join(a.Dir(), "kv.log")
+	ctr(t, a, "run", "-d", "--net-host", "--seccomp", "--cap-drop", "CAP_NET_RAW", "--cap-add", "CAP_SYS_NICE",
+		"--runtime", shimapi.RuntimeName, "--log-uri", logURI, ctrtest.ImageRef, "kv", "/kvserver", "-mib", "32", "-port", kvPort)
+	if _, err := ctrtest.WaitReady(a.Netns().Name, a.IP()+":"+kvPort, ctrtest.ReadyTimeout); err != nil {
+		t.Fatal(err)
+	}
+	srcPid, _ := taskPid(t, a, "kv")
+	want := securityStatus(t, srcPid)
+	if !strings.Contains(want, "Seccomp:\t2") {
+		t.Fatalf("source runs without a seccomp filter:\n%s", want)
+	}
+	ctr(t, a, "container", "checkpoint", "--task", "kv", "ckpt/kv:1")
+	move(t, a, b, "ckpt/kv:1")
+	ctr(t, b, "container", "restore", "--live", "clone", "ckpt/kv:1")
+	parseKV(t, query(t, b, b.IP()+":"+kvPort, "VERIFY"), "verify ok")
+	clonePid, _ := taskPid(t, b, "clone")
+	if got := securityStatus(t, clonePid); got != want {
+		t.Errorf("clone's /proc/PID/status:\n%s\nsource's:\n%s", got, want)
+	}
+}
+
+// cowmigCmd runs the cowmig command and fails the test on error; its
+// stdout is returned.
+func cowmigCmd(t *testing.T, h *ctrtest.Host, args ...string) string {
+	t.Helper()
+	out, err := cowmigCmdErr(h, args...)
+	if err != nil {
+		t.Fatalf("host %s: cowmig %s: %v\n%s", h.Name(), strings.Join(args, " "), err, out)
+	}
+	return strings.TrimSpace(out)
+}
+
+// cowmigCmdErr runs the cowmig command in h's network namespace.
+func cowmigCmdErr(h *ctrtest.Host, args ...string) (string, error) {
+	cmd := exec.Command(cowmigBin, args...)
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		return string(out) + stderr.String(), err
+	}
+	return string(out), nil
+}
+
+func securityStatus(t *testing.T, pid int) string {
+	t.Helper()
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []string
+	for _, l := range strings.Split(string(b), "\n") {
+		for _, k := range []string{"Cap", "NoNewPrivs", "Seccomp"} {
+			if strings.HasPrefix(l, k) {
+				out = append(out, l)
+			}
+		}
+	}
+	return strings.Join(out, "\n")
+}
+
+// cowmig checkpoint|restore through containerd: options ctr cannot
+// express (mode, listen address, TTL) and JSON statistics.
+func TestCLIContainerd(t *testing.T) {
+	a, b := ctrHosts(t)
+	addrA := a.RunKV(t, "kv", shimapi.RuntimeName, "-mib", "64", "-port", kvPort)
+	src := parseKV(t, query(t, a, addrA, "PAUSE"), "paused")
+	img := filepath.Join(a.Dir(), "img")
+	out := cowmigCmd(t, a, "checkpoint", "--address", a.Address(), "--namespace", a.Namespace(),
+		"--image", img, "--listen", "tcp:"+a.IP()+":0", "--ttl", "30s", "--json", "kv")
+	var st live.CheckpointStats
+	if err := json.Unmarshal([]byte(out), &st); err != nil {
+		t.Fatalf("checkpoint --json: %q: %v", out, err)
+	}
+	if st.Mode != "live" || st.FreezeMs <= 0 || st.PagesTotal == 0 || st.ContainerID != "kv" ||
+		!strings.HasPrefix(st.Endpoint, "tcp:"+a.IP()+":") || strings.HasSuffix(st.Endpoint, ":0") {
+		t.Errorf("checkpoint stats %+v", st)
+	}
+	query(t, a, addrA, "RESUME")
+	// The image directory moves to B as files.
+	imgB := filepath.Join(b.Dir(), "img")
+	if out, err := exec.Command("cp", "-r", img, imgB).CombinedOutput(); err != nil {
+		t.Fatalf("cp: %v %s", err, out)
+	}
+	out = cowmigCmd(t, b, "restore", "--address", b.Address(), "--namespace", b.Namespace(), "--image", imgB, "--json", "clone")
+	var res struct {
+		Pid  int
+		Shim *live.RestoreStats
+	}
+	if err := json.Unmarshal([]byte(out), &res); err != nil || res.Pid <= 0 || res.Shim == nil || res.Shim.RestoreMs <= 0 {
+		t.Fatalf("restore --json: %q (%v)", out, err)
+	}
+	if got := parseKV(t, query(t, b, b.IP()+":"+kvPort, "VERIFY"), "verify ok"); got != src {
+		t.Errorf("clone holds %+v, the source had %+v", got, src)
+	}
+	// Wrong container, wrong runtime: clear errors.
+	if out, err := cowmigCmdErr(a, "checkpoint", "--address", a.Address(), "--namespace", a.Namespace(), "--image", img+"2", "nosuch"); err == nil || !strings.Contains(out, "nosuch") {
+		t.Errorf("checkpoint of a missing container: %v %q", err, out)
+	}
+}
+
+// The drop-in loads: containerd's merged config registers the runtime.
+func TestCtrDropInLoads(t *testing.T) {
+	a, _ := ctrHosts(t)
+	out, err := a.Exec("containerd", "--config", a.ConfigPath(), "config", "dump")
+	if err != nil {
+		t.Fatalf("config dump: %v\n%s", err, out)
+	}
+	if !regexp.MustCompile(`(?s)runtimes\.cowmig\]\s*runtime_type = 'io\.containerd\.cowmig\.v2'`).MatchString(out) {
+		t.Errorf("containerd config dump shows no cowmig runtime:\n%s", out)
+	}
+}
+
+// nerdctl: checkpoint create (which stops the container) and start
+// --checkpoint with the cowmig runtime.
+func TestNerdctlCheckpoint(t *testing.T) {
+	ctrtest.SkipUnlessNerdctl(t)
+	a, _ := ctrHosts(t)
+	if out, err := a.Nerdctl("run", "-d", "--net", "host", "--runtime", shimapi.RuntimeName, "--name", "kvn",
+		ctrtest.ImageRef, "-mib", "64", "-port", kvPort); err != nil {
+		t.Fatalf("nerdctl run: %v\n%s", err, out)
+	}
+	addr := a.IP() + ":" + kvPort
+	if _, err := ctrtest.WaitReady(a.Netns().Name, addr, ctrtest.ReadyTimeout); err != nil {
+		t.Fatal(err)
+	}
+	src := parseKV(t, query(t, a, addr, "PAUSE"), "paused")
+	if out, err := a.Nerdctl("checkpoint", "create", "kvn", "ck1"); err != nil {
+		t.Fatalf("nerdctl checkpoint create: %v\n%s", err, out)
+	}
+	if out, err := a.Nerdctl("checkpoint", "ls", "kvn"); err != nil || !strings.Contains(out, "ck1") {
+		t.Errorf("nerdctl checkpoint ls: %v\n%s", err, out)
+	}
+	if out, err := a.Nerdctl("start", "--checkpoint", "ck1", "kvn"); err != nil {
+		t.Fatalf("nerdctl start --checkpoint: %v\n%s", err, out)
+	}
+	if got := parseKV(t, query(t, a, addr, "VERIFY"), "verify ok"); got != src {
+		t.Errorf("restored container holds %+v, it had %+v at the checkpoint", got, src)
+	}
+}
