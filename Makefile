@@ -10,7 +10,7 @@ BINDIR := bin
 # by go install) are found through PATH.
 export PATH := $(dir $(GO)):$(PATH)
 
-.PHONY: all deps build vet test test-short bench demo install clean generate fmt-check
+.PHONY: all deps build vet test test-short bench demo demo-process install clean generate fmt-check
 
 all: build
 
@@ -43,8 +43,13 @@ test-short:
 bench: deps build
 	GO=$(GO) bash scripts/bench.sh
 
+# demo: two containerd hosts, a container migrated live with ctr.
 demo: deps build
 	GO=$(GO) bash scripts/demo.sh
+
+# demo-process: the engine alone, a live clone of a Python process.
+demo-process: deps build
+	GO=$(GO) bash scripts/demo-process.sh
 
 # install puts the shim and cowmig on PATH, the containerd drop-in in
 # conf.d and an example shim config (kept if one exists).
