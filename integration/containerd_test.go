@@ -178,6 +178,17 @@ func TestCtrContainerCheckpointRestoreLive(t *testing.T) {
 	if got != src {
 		t.Errorf("clone holds count=%d sum=%s, the source had count=%d sum=%s at the checkpoint", got.count, got.sum, src.count, src.sum)
 	}
+	// The clone is an ordinary task: ps and exec work on it.
+	clonePid, _ := taskPid(t, b, "clone1")
+	if ps := ctr(t, b, "task", "ps", "clone1"); !strings.Contains(ps, strconv.Itoa(clonePid)) {
+		t.Errorf("ctr task ps clone1 = %q, want pid %d", ps, clonePid)
+	}
+	if out, err := b.Ctr("task", "exec", "--exec-id", "e1", "clone1", "/kvserver", "-bogus"); err == nil || !strings.Contains(err.Error()+out, "usage: kvserver") {
+		t.Errorf("ctr task exec in the clone: %v %q, want kvserver's usage", err, out)
+	}
+	// Its stdio is the restoring task's: pipes whose other ends B's shim
+	// (the clone's parent) holds.
+	checkStdioOfShim(t, clonePid)
 	query(t, b, addrB, "RESUME")
 	after := parseKV(t, query(t, b, addrB, "VERIFY"), "verify ok")
 	if after.count <= got.count {
@@ -326,6 +337,33 @@ func testKilledDuringRestore(t *testing.T, victim string) {
 		t.Fatalf("the clone had every page before the kill; the test proves nothing:\n%s", log)
 	}
 	t.Logf("pager log:\n%s", log)
+}
+
+// checkStdioOfShim checks that fds 1 and 2 of pid are pipes that its
+// parent, the task's shim, also holds (the task's IO).
+func checkStdioOfShim(t *testing.T, pid int) {
+	t.Helper()
+	status := readFile(fmt.Sprintf("/proc/%d/status", pid))
+	m := regexp.MustCompile(`PPid:\s+(\d+)`).FindStringSubmatch(status)
+	if m == nil {
+		t.Fatalf("no PPid in /proc/%d/status", pid)
+	}
+	shimFds := map[string]bool{}
+	ents, _ := os.ReadDir("/proc/" + m[1] + "/fd")
+	for _, e := range ents {
+		if l, err := os.Readlink("/proc/" + m[1] + "/fd/" + e.Name()); err == nil {
+			shimFds[l] = true
+		}
+	}
+	if cmd := readFile("/proc/" + m[1] + "/cmdline"); !strings.Contains(cmd, "containerd-shim-cowmig-v2") {
+		t.Fatalf("parent %s of the clone is %q, not the shim", m[1], cmd)
+	}
+	for _, fd := range []string{"1", "2"} {
+		l, err := os.Readlink(fmt.Sprintf("/proc/%d/fd/%s", pid, fd))
+		if err != nil || !strings.HasPrefix(l, "pipe:") || !shimFds[l] {
+			t.Errorf("clone fd %s is %q (%v), not a pipe of its shim's", fd, l, err)
+		}
+	}
 }
 
 // daemonOf finds the shim daemon (page server, pager) whose command line
