@@ -142,7 +142,7 @@ func waitStatus(t *testing.T, h *ctrtest.Host, id, want string, timeout time.Dur
 func move(t *testing.T, a, b *ctrtest.Host, ref string) {
 	t.Helper()
 	tar := filepath.Join(a.Dir(), "checkpoint.tar")
-	ctr(t, a, "image", "export", "--skip-manifest-json", tar, ref)
+	ctr(t, a, "image", "export", "--local", "--skip-manifest-json", tar, ref)
 	ctr(t, b, "image", "import", tar)
 }
 

@@ -35,4 +35,16 @@ if [ "${COWBENCH_MICRO:-1}" != 0 ]; then
 		"$GO" test -run '^$' -bench . -benchtime 3x "${pkgs[@]}" || status=$?
 	fi
 fi
+
+# The containerd benchmark (bench/ctrbench): checkpoint downtime seen by a
+# client of a kvserver container (ctr task / ctr container checkpoint,
+# cowmig checkpoint live and stop) and restore-to-running on a second
+# containerd host. Needs containerd, ctr and runc (make deps).
+# COWBENCH_CTR=0 skips it; COWMIG_CTRBENCH_REPS and COWMIG_CTRBENCH_SIZES
+# size it.
+if [ "${COWBENCH_CTR:-1}" != 0 ]; then
+	echo
+	echo "== containerd: COWMIG_BENCH=1 $GO test -count=1 -v -run TestContainerdBench -timeout 30m ./bench/ctrbench"
+	COWMIG_BENCH=1 "$GO" test -count=1 -v -run TestContainerdBench -timeout 30m ./bench/ctrbench || status=$?
+fi
 exit "$status"

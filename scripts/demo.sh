@@ -123,7 +123,7 @@ echo "checkpoint took $((t1 - t0)) ms in ctr; the container was frozen for $free
 echo "the source keeps serving: $(ask "$NS_B" $IP_A GET)"
 
 say "move the checkpoint: ctr image export (A) → ctr image import (B)"
-ctr_ a image export --skip-manifest-json "$work/ckpt.tar" demo/kv:1
+ctr_ a image export --local --skip-manifest-json "$work/ckpt.tar" demo/kv:1
 ctr_ b image import "$work/ckpt.tar" >/dev/null
 echo "checkpoint image: $(du -h "$work/ckpt.tar" | cut -f1) (memory stays on A until B asks)"
 
