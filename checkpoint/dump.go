@@ -154,6 +154,8 @@ type dumper struct {
 	pagesOff uint64
 	phases   []Phase
 	lastMark time.Time
+	// copyBuf is copyNow's buffer.
+	copyBuf []byte
 	// preMaps are the mappings with VmFlags read before the freeze.
 	preMaps []procfs.Mapping
 	// pool holds pin pipes made before the freeze, sized from preMaps.

@@ -61,12 +61,16 @@ func (d *dumper) memory(p *image.Process) (*Snapshot, error) {
 	}
 	defer pm.Close()
 	sStart, sEnd, hasScratch := d.tr.ScratchRange()
-
-	var pins []pinRun
-	var wpVmas []image.Vma
 	if hasScratch {
 		maps = withoutRange(maps, sStart, sEnd)
 	}
+	type described struct {
+		m     procfs.Mapping
+		v     image.Vma
+		class memClass
+	}
+	var ds []described
+	var wpVmas []image.Vma
 	for _, m := range maps {
 		v, class, err := d.describe(m)
 		if err != nil {
@@ -78,11 +82,50 @@ func (d *dumper) memory(p *image.Process) (*Snapshot, error) {
 		if v.Kind == image.VmaVDSO || v.Kind == image.VmaVVar || v.Kind == image.VmaVVarVclock {
 			d.img.VDSO = append(d.img.VDSO, v)
 		}
+		ds = append(ds, described{m, v, class})
+		if class == classPin && d.o.Mode != image.ModeStop {
+			wpVmas = append(wpVmas, v)
+		}
+	}
+	// Live and full dumps write-protect the anonymous memory while the
+	// page map is scanned: the scan reads the target's page tables from
+	// this process and the protection rewrites them in the kernel, with
+	// the target stopped, so they share nothing but the page table locks.
+	// (The pins must not overlap the protection: see pin.)
+	var s *Snapshot
+	var wpDone chan error
+	if len(wpVmas) > 0 {
+		if s, err = d.newSnapshot(p.ID); err != nil {
+			return nil, err
+		}
+		d.mark("uffd")
+		wpDone = make(chan error, 1)
+		go func() { wpDone <- s.protect(wpVmas) }()
+	}
+	ok := false
+	defer func() {
+		if !ok && s != nil {
+			if wpDone != nil {
+				<-wpDone
+			}
+			s.closeAll()
+		}
+	}()
+
+	var pins []pinRun
+	// toCopy are the regions of p.Vmas[vma] copied while frozen.
+	type toCopy struct {
+		vma     int
+		regions []procfs.PageRegion
+	}
+	var copies []toCopy
+	for _, dd := range ds {
+		v, class := dd.v, dd.class
 		if class == classSkip {
 			p.Vmas = append(p.Vmas, v)
 			continue
 		}
-		regions, err := populated(pm, m, class)
+		regions, err := populated(pm, dd.m, class)
 		if err != nil {
 			return nil, err
 		}
@@ -90,25 +133,37 @@ func (d *dumper) memory(p *image.Process) (*Snapshot, error) {
 			for _, r := range regions {
 				pins = append(pins, pinRun{vma: len(p.Vmas), addr: r.Start, npages: (r.End - r.Start) / image.PageSize})
 			}
-			if len(regions) > 0 {
-				wpVmas = append(wpVmas, v)
-			}
 			p.Vmas = append(p.Vmas, v)
 			continue
 		}
 		if class == classCopy && v.Kind == image.VmaShmem {
 			// Shared memory pages need not be mapped here to exist:
 			// copy the whole mapping and keep the non-zero pages.
-			regions = []procfs.PageRegion{{Start: m.Start, End: m.End}}
+			regions = []procfs.PageRegion{{Start: dd.m.Start, End: dd.m.End}}
 		}
-		for _, r := range regions {
+		copies = append(copies, toCopy{len(p.Vmas), regions})
+		p.Vmas = append(p.Vmas, v)
+	}
+	d.mark("scan")
+	if s != nil {
+		// The copies read the target's memory, which the protection
+		// slows down many times over (measured): let it finish first.
+		err = <-wpDone
+		wpDone = nil
+		if err != nil {
+			return nil, err
+		}
+		d.mark("writeprotect")
+	}
+	for _, c := range copies {
+		v := &p.Vmas[c.vma]
+		for _, r := range c.regions {
 			runs, err := d.copyNow(r.Start, r.End, v.Kind == image.VmaShmem)
 			if err != nil {
 				return nil, err
 			}
 			v.Runs = append(v.Runs, runs...)
 		}
-		p.Vmas = append(p.Vmas, v)
 	}
 	for _, v := range p.Vmas {
 		for _, r := range v.Runs {
@@ -116,11 +171,21 @@ func (d *dumper) memory(p *image.Process) (*Snapshot, error) {
 		}
 	}
 	d.img.Stats.PagesTotal = d.img.Stats.PagesEager
-	d.mark("scan+copy")
-	if len(pins) == 0 {
+	d.mark("copy")
+	if s == nil {
+		ok = true
 		return nil, nil
 	}
-	return d.pin(p, pins, wpVmas)
+	if len(pins) == 0 {
+		s.closeAll()
+		ok = true
+		return nil, nil
+	}
+	if err := d.pin(s, p, pins); err != nil {
+		return nil, err
+	}
+	ok = true
+	return s, nil
 }
 
 // frozenMaps reads the frozen target's mappings. smaps, which has the
@@ -148,16 +213,17 @@ func (d *dumper) frozenMaps() ([]procfs.Mapping, error) {
 	k := func(m procfs.Mapping) key {
 		return key{m.Start, m.End, m.Offset, m.Read, m.Write, m.Exec, m.Shared, m.Path}
 	}
-	pre := make(map[key][]string, len(d.preMaps))
+	pre := make(map[key]procfs.Mapping, len(d.preMaps))
 	for _, m := range d.preMaps {
-		pre[k(m)] = m.VmFlags
+		pre[k(m)] = m
 	}
 	for i := range maps {
-		f, ok := pre[k(maps[i])]
+		m, ok := pre[k(maps[i])]
 		if !ok {
 			return procfs.Maps(d.pid)
 		}
-		maps[i].VmFlags = f
+		// Rss is from before the freeze: only a hint (see populated).
+		maps[i].VmFlags, maps[i].Rss = m.VmFlags, m.Rss
 	}
 	return maps, nil
 }
@@ -259,6 +325,13 @@ func (d *dumper) describe(m procfs.Mapping) (image.Vma, memClass, error) {
 // swapped, not the shared zero page, and for file mappings not the page
 // cache's page (only COW copies).
 func populated(pm *procfs.Pagemap, m procfs.Mapping, class memClass) ([]procfs.PageRegion, error) {
+	if class == classPin && m.Rss == m.Len() {
+		// Wholly resident just before the freeze (a large heap, the usual
+		// case): pin it all without a scan, which costs ~15 ms per GiB
+		// here. A page dropped since then is pinned as the zero page it
+		// now reads as, which is its content at the snapshot instant.
+		return []procfs.PageRegion{{Start: m.Start, End: m.End}}, nil
+	}
 	// FILE and PFNZERO cost a look at every page (~3x the scan): ask for
 	// FILE only where it matters. Zero-page PTEs of anonymous memory are
 	// then pinned like any page, which is harmless.
@@ -297,10 +370,14 @@ func populated(pm *procfs.Pagemap, m procfs.Mapping, class memClass) ([]procfs.P
 func (d *dumper) copyNow(start, end uint64, dropZero bool) ([]image.Run, error) {
 	const chunk = 4 << 20
 	var runs []image.Run
-	buf := make([]byte, chunk)
+	// One buffer per dump, no larger than needed: a fresh 4 MiB per call
+	// cost milliseconds of page faults each, during the freeze.
+	if want := min(uint64(chunk), end-start); uint64(len(d.copyBuf)) < want {
+		d.copyBuf = make([]byte, want)
+	}
 	for a := start; a < end; a += chunk {
 		n := min(uint64(chunk), end-a)
-		b := buf[:n]
+		b := d.copyBuf[:n]
 		if err := d.tr.ReadMem(a, b); err != nil {
 			return nil, fmt.Errorf("copy memory %#x+%#x: %w", a, n, err)
 		}

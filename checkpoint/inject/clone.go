@@ -89,7 +89,7 @@ func (p *Process) cloneProcess(pid int) (_ *Process, err error) {
 		return nil, fmt.Errorf("clone process %d: %w", pid, err)
 	}
 	c := &Process{pid: newPid, t: p.t, opts: p.opts, insn: p.insn, insnChecked: p.insnChecked,
-		scratch: p.scratch, scratchLen: p.scratchLen, scratchHint: p.scratchHint, xstateSize: p.xstateSize}
+		scratch: p.scratch, scratchLen: p.scratchLen, scratchHint: p.scratchHint, codeReady: p.codeReady, xstateSize: p.xstateSize}
 	nt := &thread{tid: newPid, saved: th.saved, mask: th.mask, maskSet: true, injMask: th.injMask, regsSet: true}
 	c.threads = []*thread{nt}
 	if err == nil {

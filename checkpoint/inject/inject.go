@@ -160,6 +160,9 @@ type Process struct {
 	// scratch is the injected scratch mapping [scratch, scratch+scratchLen)
 	// (0: none); scratchHint the address to create it at (0: anywhere).
 	scratch, scratchLen, scratchHint uint64
+	// codeReady is set once the page after the scratch area holds the
+	// call loop and is executable.
+	codeReady bool
 	// xstateSize is the size of NT_X86_XSTATE (0: not queried yet).
 	xstateSize int
 }

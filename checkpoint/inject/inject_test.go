@@ -209,7 +209,7 @@ func TestScratch(t *testing.T) {
 		t.Fatal(err)
 	}
 	start, end, ok := p.ScratchRange()
-	if addr != hint || start != hint || end != hint+ScratchSize || !ok {
+	if addr != hint || start != hint || end != hint+ScratchSize+codePage || !ok {
 		t.Fatalf("scratch %#x, range %#x-%#x %v; want %#x", addr, start, end, ok, hint)
 	}
 	if maps := takeSnapshot(t, tg.pid).maps; !strings.Contains(maps, fmt.Sprintf("%x-%x rw-p", start, end)) {

@@ -481,17 +481,19 @@ func (p *Process) scratchAddr() (uint64, error) {
 	if p.scratchHint != 0 {
 		flags |= unix.MAP_FIXED_NOREPLACE
 	}
-	ret, err := p.syscall(th, unix.SYS_MMAP, [6]uintptr{uintptr(p.scratchHint), ScratchSize,
+	// One more page for the call loop (see Syscalls), made executable
+	// when first used.
+	ret, err := p.syscall(th, unix.SYS_MMAP, [6]uintptr{uintptr(p.scratchHint), ScratchSize + codePage,
 		unix.PROT_READ | unix.PROT_WRITE, flags, ^uintptr(0), 0})
 	if err != nil {
 		return 0, fmt.Errorf("create scratch: %w", err)
 	}
 	if p.scratchHint != 0 && uint64(ret) != p.scratchHint {
 		// A kernel without MAP_FIXED_NOREPLACE treats it as a hint.
-		_, uerr := p.syscall(th, unix.SYS_MUNMAP, [6]uintptr{ret, ScratchSize})
+		_, uerr := p.syscall(th, unix.SYS_MUNMAP, [6]uintptr{ret, ScratchSize + codePage})
 		return 0, errors.Join(fmt.Errorf("create scratch at %#x: got %#x: %w", p.scratchHint, ret, unix.EEXIST), uerr)
 	}
-	p.scratch, p.scratchLen = uint64(ret), ScratchSize
+	p.scratch, p.scratchLen, p.codeReady = uint64(ret), ScratchSize+codePage, false
 	return p.scratch, nil
 }
 
@@ -506,6 +508,6 @@ func (p *Process) unmapScratch() error {
 	if _, err := p.syscall(th, unix.SYS_MUNMAP, [6]uintptr{uintptr(p.scratch), uintptr(p.scratchLen)}); err != nil {
 		return fmt.Errorf("unmap scratch %#x: %w", p.scratch, err)
 	}
-	p.scratch, p.scratchLen = 0, 0
+	p.scratch, p.scratchLen, p.codeReady = 0, 0, false
 	return nil
 }
