@@ -35,6 +35,8 @@ type morph struct {
 	strOff uint64
 	// hostTids maps image thread index to host tid.
 	hostTids []int
+	// buf is writeRuns' buffer.
+	buf []byte
 }
 
 // injector is what inject.Process and inject.Batch both offer.
@@ -325,11 +327,16 @@ func (m *morph) writeRuns(v image.Vma) error {
 	if m.pages == nil {
 		return fmt.Errorf("%w: eager pages but no %s", ErrBadImage, image.PagesFile)
 	}
-	buf := make([]byte, 4<<20)
 	for _, r := range v.Runs {
 		if r.Where != image.InPages {
 			continue
 		}
+		// One buffer per restore, no larger than needed: a fresh 4 MiB
+		// per mapping cost milliseconds of page faults each.
+		if want := min(4<<20, r.NPages*image.PageSize); uint64(len(m.buf)) < want {
+			m.buf = make([]byte, want)
+		}
+		buf := m.buf
 		for done := uint64(0); done < r.NPages*image.PageSize; {
 			n := min(uint64(len(buf)), r.NPages*image.PageSize-done)
 			if _, err := m.pages.ReadAt(buf[:n], int64(r.Off+done)); err != nil {

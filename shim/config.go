@@ -51,7 +51,7 @@ func DefaultConfig() Config {
 	return Config{
 		Listen:     "unix",
 		TTL:        Duration{Duration: 5 * time.Minute},
-		MaxAge:     Duration{Duration: 24 * time.Hour},
+		MaxAge:     Duration{Duration: time.Hour},
 		RuncBinary: "runc",
 		RuncRoot:   "/run/containerd/runc",
 		StateDir:   "/run/cowmig",
