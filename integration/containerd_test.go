@@ -18,6 +18,8 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/cowmig/cowmig/internal/ctrtest"
 	"github.com/cowmig/cowmig/internal/live"
 	"github.com/cowmig/cowmig/shim/shimapi"
@@ -215,6 +217,45 @@ func TestCtrContainerCheckpointRestoreLive(t *testing.T) {
 	}
 }
 
+// Errors through ctr: a container running two processes is refused at
+// checkpoint and keeps running; a restore whose page server is gone fails
+// with the reason and leaves no task running.
+func TestCtrErrors(t *testing.T) {
+	a, b := ctrHosts(t)
+	addrA := a.RunKV(t, "kv", shimapi.RuntimeName, "-mib", "32", "-port", kvPort)
+	exec := a.Command("ctr", "-a", a.Address(), "-n", a.Namespace(), "task", "exec", "--exec-id", "second", "kv",
+		"/kvserver", "-mib", "1", "-port", "7071")
+	if err := exec.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { exec.Process.Kill(); exec.Wait() }()
+	if _, err := ctrtest.WaitReady(a.Netns().Name, a.IP()+":7071", ctrtest.ReadyTimeout); err != nil {
+		t.Fatal(err)
+	}
+	_, err := a.Ctr("container", "checkpoint", "--task", "kv", "ckpt/kv:two")
+	if err == nil || !strings.Contains(err.Error(), "2 processes") {
+		t.Errorf("checkpoint of a two-process container: %v, want a refusal naming 2 processes", err)
+	}
+	parseKV(t, query(t, a, addrA, "VERIFY"), "verify ok")
+	if _, st := taskPid(t, a, "kv"); st != "RUNNING" {
+		t.Errorf("source task is %s after the refused checkpoint", st)
+	}
+	a.Ctr("task", "kill", "-s", "KILL", "--exec-id", "second", "kv")
+	exec.Wait()
+
+	srcPid, _ := taskPid(t, a, "kv")
+	ctr(t, a, "container", "checkpoint", "--task", "kv", "ckpt/kv:1")
+	move(t, a, b, "ckpt/kv:1")
+	killAndWait(t, daemonOf(t, "__cowmig-page-server", fmt.Sprintf("--pid\x00%d\x00", srcPid)))
+	_, err = b.Ctr("container", "restore", "--live", "clone", "ckpt/kv:1")
+	if err == nil || !strings.Contains(err.Error(), "page server") {
+		t.Fatalf("restore without a page server: %v, want an error naming the page server", err)
+	}
+	if out, _ := b.Ctr("task", "ls"); strings.Contains(out, "RUNNING") {
+		t.Errorf("a task runs after the failed restore:\n%s", out)
+	}
+}
+
 // ctr task checkpoint (the client pauses the task around the call) →
 // export/import → restore on B. `ctr c restore` cannot restore a task
 // checkpoint (its index lacks the image name annotation), so cowmig
@@ -363,6 +404,23 @@ func checkStdioOfShim(t *testing.T, pid int) {
 		if err != nil || !strings.HasPrefix(l, "pipe:") || !shimFds[l] {
 			t.Errorf("clone fd %s is %q (%v), not a pipe of its shim's", fd, l, err)
 		}
+	}
+}
+
+// killAndWait SIGKILLs p (not our child) and waits until it is gone.
+func killAndWait(t *testing.T, p *os.Process) {
+	t.Helper()
+	fd, err := unix.PidfdOpen(p.Pid, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(fd)
+	if err := unix.PidfdSendSignal(fd, unix.SIGKILL, nil, 0); err != nil {
+		t.Fatal(err)
+	}
+	fds := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
+	if n, err := unix.Poll(fds, 10000); n != 1 || err != nil {
+		t.Fatalf("pid %d still there after SIGKILL: %v", p.Pid, err)
 	}
 }
 
