@@ -50,7 +50,7 @@ type restore struct {
 	bundle  string
 	src     string // the checkpoint directory containerd gave
 	ns      string // containerd namespace, for events
-	started bool
+	started bool   // guarded by service.mu
 	stats   live.RestoreStats
 }
 

@@ -109,11 +109,14 @@ func (s *service) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (*ta
 func (s *service) Start(ctx context.Context, r *taskAPI.StartRequest) (*taskAPI.StartResponse, error) {
 	s.mu.Lock()
 	rs := s.restores[r.ID]
+	morph := r.ExecID == "" && rs != nil && !rs.started
+	if morph {
+		rs.started = true
+	}
 	s.mu.Unlock()
-	if r.ExecID != "" || rs == nil || rs.started {
+	if !morph {
 		return s.TTRPCTaskService.Start(ctx, r)
 	}
-	rs.started = true
 	resp, err := s.TTRPCTaskService.Start(ctx, r)
 	if err != nil {
 		return nil, err
