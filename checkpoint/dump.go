@@ -43,6 +43,10 @@ type Options struct {
 	// snapshot instant (the clone will not have them). Without it a
 	// process with children is refused: process trees are not supported.
 	LeaveChildren bool
+	// WindowWait bounds the wait, before the freeze, for the COW window
+	// of an earlier snapshot of the process to close (its uffd holds the
+	// mappings); 0 means 30 s.
+	WindowWait time.Duration
 }
 
 // Result describes a finished dump.
@@ -83,7 +87,9 @@ func Dump(ctx context.Context, pid int, o Options) (*Result, error) {
 
 	d := &dumper{pid: pid, o: o, pages: pages}
 	// Read before the freeze: see frozenMaps.
-	d.preMaps, _ = procfs.Maps(pid)
+	if d.preMaps, err = waitNoUffd(pid, o.WindowWait); err != nil {
+		return nil, err
+	}
 	if o.Mode != image.ModeStop {
 		d.preparePipes()
 		defer d.closePool()
@@ -160,6 +166,38 @@ type dumper struct {
 	preMaps []procfs.Mapping
 	// pool holds pin pipes made before the freeze, sized from preMaps.
 	pool []pipePair
+}
+
+// waitNoUffd reads pid's mappings until none is registered with a
+// userfaultfd, for at most wait (0: 30 s). A mapping can be registered with
+// one uffd only: the earlier snapshot's, until its page server has drained
+// its COW window. The wait happens before the freeze: the process runs.
+func waitNoUffd(pid int, wait time.Duration) ([]procfs.Mapping, error) {
+	if wait == 0 {
+		wait = 30 * time.Second
+	}
+	deadline := time.Now().Add(wait)
+	for {
+		maps, err := procfs.Maps(pid)
+		if err != nil {
+			return nil, nil // frozenMaps reads them again
+		}
+		busy := -1
+		for i, m := range maps {
+			if m.HasFlag("uw") || m.HasFlag("um") || m.HasFlag("ui") {
+				busy = i
+				break
+			}
+		}
+		if busy < 0 {
+			return maps, nil
+		}
+		if time.Now().After(deadline) {
+			return nil, fmt.Errorf("dump pid %d: mapping %#x-%#x is registered with a userfaultfd: an earlier snapshot's copy-on-write window still open after %v, or the process uses userfaultfd itself: %w",
+				pid, maps[busy].Start, maps[busy].End, wait, ErrUnsupported)
+		}
+		time.Sleep(20 * time.Millisecond) // nothing to wait on: the uffd is another process's
+	}
 }
 
 // mark ends the current phase.

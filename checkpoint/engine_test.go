@@ -135,6 +135,33 @@ func TestSnapshotUnderFire(t *testing.T) {
 	}
 }
 
+// A second snapshot taken at once after the first, while the first's COW
+// window may still hold the mappings (a mapping has one uffd at a time),
+// waits for that window before its freeze; both snapshots restore.
+func TestBackToBackSnapshots(t *testing.T) {
+	needRoot(t)
+	bin := testworkload.BuildC(t)
+	src := testworkload.Start(t, []string{bin, "-mem", "128", "-threads", "2"}, nil)
+	res1, dir1 := dump(t, src.Pid, image.ModeLive)
+	res2, dir2 := dump(t, src.Pid, image.ModeLive)
+	for i, c := range []struct {
+		res *checkpoint.Result
+		dir string
+	}{{res1, dir1}, {res2, dir2}} {
+		rs, clone := restore(t, c.dir, &snapFetcher{s: c.res.Snapshot})
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+		if err := rs.Serve(ctx); err != nil {
+			cancel()
+			t.Fatalf("pager of snapshot %d: %v", i+1, err)
+		}
+		cancel()
+		t.Logf("clone of snapshot %d: %s", i+1, clone.Verify(t))
+		rs.Kill()
+		rs.Wait()
+	}
+	src.Verify(t)
+}
+
 func TestPythonClone(t *testing.T) {
 	needRoot(t)
 	script := testworkload.PythonScript(t)

@@ -27,51 +27,11 @@ import (
 
 const kvPort = "7070"
 
-// ctrHosts starts hosts A and B whose containerd finds the cowmig shim on
-// its PATH, imports the drop-in config/cowmig.toml, and gives the shim a
-// config: page servers on the host's veth address, runc state of its own.
+// ctrHosts starts hosts A and B for the shim built by TestMain.
 func ctrHosts(t *testing.T) (a, b *ctrtest.Host) {
 	t.Helper()
 	needRoot(t)
-	ctrtest.SkipUnlessContainerd(t)
-	root, err := moduleRoot()
-	if err != nil {
-		t.Fatal(err)
-	}
-	dir := t.TempDir()
-	n := ctrtest.NewNet(t)
-	start := func(ns *ctrtest.Netns) *ctrtest.Host {
-		cfgDir := filepath.Join(dir, "cowmig-"+ns.IP)
-		if err := os.MkdirAll(cfgDir, 0o700); err != nil {
-			t.Fatal(err)
-		}
-		cfg := filepath.Join(cfgDir, "config.toml")
-		text := fmt.Sprintf("listen = \"tcp:%s:0\"\nttl = \"2m\"\nrunc_root = %q\nstate_dir = %q\n",
-			ns.IP, filepath.Join(cfgDir, "runc"), filepath.Join(cfgDir, "state"))
-		if err := os.WriteFile(cfg, []byte(text), 0o600); err != nil {
-			t.Fatal(err)
-		}
-		return ctrtest.StartHost(t, ns, dir, ctrtest.Options{
-			ExtraPath: filepath.Dir(shimBin),
-			Env:       []string{shimapi.ConfigEnv + "=" + cfg},
-			Imports:   []string{filepath.Join(root, "config", "cowmig.toml")},
-		})
-	}
-	a, b = start(n.A), start(n.B)
-	tarPath, _ := ctrtest.BuildImage(t, dir)
-	a.Import(t, tarPath)
-	b.Import(t, tarPath)
-	return a, b
-}
-
-// ctr runs ctr on h and fails the test on error.
-func ctr(t *testing.T, h *ctrtest.Host, args ...string) string {
-	t.Helper()
-	out, err := h.Ctr(args...)
-	if err != nil {
-		t.Fatalf("host %s: %v", h.Name(), err)
-	}
-	return strings.TrimSpace(out)
+	return ctrtest.CowmigHosts(t, filepath.Dir(shimBin))
 }
 
 // query asks the kvserver at addr from h's network namespace.
@@ -110,26 +70,12 @@ func parseKV(t *testing.T, line, want string) kvState {
 	return kvState{n, s}
 }
 
-// taskPid is the host pid of container id's task on h, and its status.
-func taskPid(t *testing.T, h *ctrtest.Host, id string) (int, string) {
-	t.Helper()
-	for _, l := range strings.Split(ctr(t, h, "task", "ls"), "\n") {
-		f := strings.Fields(l)
-		if len(f) == 3 && f[0] == id {
-			pid, _ := strconv.Atoi(f[1])
-			return pid, f[2]
-		}
-	}
-	t.Fatalf("host %s: no task %s", h.Name(), id)
-	return 0, ""
-}
-
 // waitStatus waits until container id's task on h has status want.
 func waitStatus(t *testing.T, h *ctrtest.Host, id, want string, timeout time.Duration) {
 	t.Helper()
 	deadline := time.Now().Add(timeout)
 	for {
-		_, st := taskPid(t, h, id)
+		_, st := h.TaskPid(t, id)
 		if st == want {
 			return
 		}
@@ -140,26 +86,6 @@ func waitStatus(t *testing.T, h *ctrtest.Host, id, want string, timeout time.Dur
 	}
 }
 
-// move exports image ref from a and imports it on b.
-func move(t *testing.T, a, b *ctrtest.Host, ref string) {
-	t.Helper()
-	tar := filepath.Join(a.Dir(), "checkpoint.tar")
-	ctr(t, a, "image", "export", "--local", "--skip-manifest-json", tar, ref)
-	ctr(t, b, "image", "import", tar)
-}
-
-// checkpointRef extracts the image name `ctr task checkpoint` prints.
-func checkpointRef(t *testing.T, out string) string {
-	t.Helper()
-	for _, l := range strings.Split(out, "\n") {
-		if strings.HasPrefix(l, "containerd.io/checkpoint/") {
-			return strings.TrimSpace(l)
-		}
-	}
-	t.Fatalf("no checkpoint image in ctr output %q", out)
-	return ""
-}
-
 // The source is paused at a safe point (PAUSE) for the checkpoint, so the
 // clone must hold exactly the source's memory: same count, same checksum
 // of all of it. Then both run on, and the source keeps serving.
@@ -167,22 +93,22 @@ func TestCtrContainerCheckpointRestoreLive(t *testing.T) {
 	a, b := ctrHosts(t)
 	addrA := a.RunKV(t, "kv", shimapi.RuntimeName, "-mib", "128", "-port", kvPort)
 	// Writers run during the first checkpoint: the clone must verify.
-	ctr(t, a, "container", "checkpoint", "--task", "kv", "ckpt/kv:running")
+	a.MustCtr(t, "container", "checkpoint", "--task", "kv", "ckpt/kv:running")
 	src := parseKV(t, query(t, a, addrA, "PAUSE"), "paused")
-	ctr(t, a, "container", "checkpoint", "--task", "kv", "ckpt/kv:paused")
+	a.MustCtr(t, "container", "checkpoint", "--task", "kv", "ckpt/kv:paused")
 	query(t, a, addrA, "RESUME")
-	move(t, a, b, "ckpt/kv:paused")
-	move(t, a, b, "ckpt/kv:running")
+	a.MoveImage(t, b, "ckpt/kv:paused")
+	a.MoveImage(t, b, "ckpt/kv:running")
 
-	ctr(t, b, "container", "restore", "--live", "clone1", "ckpt/kv:paused")
+	b.MustCtr(t, "container", "restore", "--live", "clone1", "ckpt/kv:paused")
 	addrB := b.IP() + ":" + kvPort
 	got := parseKV(t, query(t, b, addrB, "VERIFY"), "verify ok")
 	if got != src {
 		t.Errorf("clone holds count=%d sum=%s, the source had count=%d sum=%s at the checkpoint", got.count, got.sum, src.count, src.sum)
 	}
 	// The clone is an ordinary task: ps and exec work on it.
-	clonePid, _ := taskPid(t, b, "clone1")
-	if ps := ctr(t, b, "task", "ps", "clone1"); !strings.Contains(ps, strconv.Itoa(clonePid)) {
+	clonePid, _ := b.TaskPid(t, "clone1")
+	if ps := b.MustCtr(t, "task", "ps", "clone1"); !strings.Contains(ps, strconv.Itoa(clonePid)) {
 		t.Errorf("ctr task ps clone1 = %q, want pid %d", ps, clonePid)
 	}
 	if out, err := b.Ctr("task", "exec", "--exec-id", "e1", "clone1", "/kvserver", "-bogus"); err == nil || !strings.Contains(err.Error()+out, "usage: kvserver") {
@@ -203,15 +129,15 @@ func TestCtrContainerCheckpointRestoreLive(t *testing.T) {
 	}
 
 	// A second clone of another snapshot, taken under fire.
-	ctr(t, b, "task", "kill", "-s", "KILL", "clone1")
+	b.MustCtr(t, "task", "kill", "-s", "KILL", "clone1")
 	waitStatus(t, b, "clone1", "STOPPED", 10*time.Second)
-	ctr(t, b, "container", "restore", "--live", "clone2", "ckpt/kv:running")
+	b.MustCtr(t, "container", "restore", "--live", "clone2", "ckpt/kv:running")
 	v := parseKV(t, query(t, b, addrB, "VERIFY"), "verify ok")
 	t.Logf("clone of the running source: %+v", v)
 	// And a third clone of the paused snapshot: one snapshot, several clones.
-	ctr(t, b, "task", "kill", "-s", "KILL", "clone2")
+	b.MustCtr(t, "task", "kill", "-s", "KILL", "clone2")
 	waitStatus(t, b, "clone2", "STOPPED", 10*time.Second)
-	ctr(t, b, "container", "restore", "--live", "clone3", "ckpt/kv:paused")
+	b.MustCtr(t, "container", "restore", "--live", "clone3", "ckpt/kv:paused")
 	if got := parseKV(t, query(t, b, addrB, "VERIFY"), "verify ok"); got != src {
 		t.Errorf("second clone of one snapshot holds %+v, want %+v", got, src)
 	}
@@ -237,15 +163,15 @@ func TestCtrErrors(t *testing.T) {
 		t.Errorf("checkpoint of a two-process container: %v, want a refusal naming 2 processes", err)
 	}
 	parseKV(t, query(t, a, addrA, "VERIFY"), "verify ok")
-	if _, st := taskPid(t, a, "kv"); st != "RUNNING" {
+	if _, st := a.TaskPid(t, "kv"); st != "RUNNING" {
 		t.Errorf("source task is %s after the refused checkpoint", st)
 	}
 	a.Ctr("task", "kill", "-s", "KILL", "--exec-id", "second", "kv")
 	exec.Wait()
 
-	srcPid, _ := taskPid(t, a, "kv")
-	ctr(t, a, "container", "checkpoint", "--task", "kv", "ckpt/kv:1")
-	move(t, a, b, "ckpt/kv:1")
+	srcPid, _ := a.TaskPid(t, "kv")
+	a.MustCtr(t, "container", "checkpoint", "--task", "kv", "ckpt/kv:1")
+	a.MoveImage(t, b, "ckpt/kv:1")
 	killAndWait(t, daemonOf(t, "__cowmig-page-server", fmt.Sprintf("--pid\x00%d\x00", srcPid)))
 	_, err = b.Ctr("container", "restore", "--live", "clone", "ckpt/kv:1")
 	if err == nil || !strings.Contains(err.Error(), "page server") {
@@ -264,12 +190,12 @@ func TestCtrTaskCheckpointRestore(t *testing.T) {
 	a, b := ctrHosts(t)
 	addrA := a.RunKV(t, "kv", shimapi.RuntimeName, "-mib", "128", "-port", kvPort)
 	src := parseKV(t, query(t, a, addrA, "PAUSE"), "paused")
-	ref := checkpointRef(t, ctr(t, a, "task", "checkpoint", "kv"))
+	ref := ctrtest.CheckpointRef(t, a.MustCtr(t, "task", "checkpoint", "kv"))
 	query(t, a, addrA, "RESUME")
-	if _, st := taskPid(t, a, "kv"); st != "RUNNING" {
+	if _, st := a.TaskPid(t, "kv"); st != "RUNNING" {
 		t.Fatalf("source task is %s after the checkpoint", st)
 	}
-	move(t, a, b, ref)
+	a.MoveImage(t, b, ref)
 	if out, err := b.Ctr("container", "restore", "--live", "nope", ref); err == nil {
 		t.Logf("ctr c restore of a task checkpoint worked after all: %s", out)
 	}
@@ -292,10 +218,10 @@ func TestCtrCheckpointExitMigrates(t *testing.T) {
 	a, b := ctrHosts(t)
 	addrA := a.RunKV(t, "kv", shimapi.RuntimeName, "-mib", "128", "-port", kvPort)
 	src := parseKV(t, query(t, a, addrA, "PAUSE"), "paused")
-	ref := checkpointRef(t, ctr(t, a, "task", "checkpoint", "--exit", "kv"))
+	ref := ctrtest.CheckpointRef(t, a.MustCtr(t, "task", "checkpoint", "--exit", "kv"))
 	waitStatus(t, a, "kv", "STOPPED", 10*time.Second)
-	ctr(t, a, "task", "delete", "kv")
-	move(t, a, b, ref)
+	a.MustCtr(t, "task", "delete", "kv")
+	a.MoveImage(t, b, ref)
 	cowmigCmd(t, b, "restore", "--address", b.Address(), "--namespace", b.Namespace(), "--checkpoint", ref, "clone")
 	got := parseKV(t, query(t, b, b.IP()+":"+kvPort, "VERIFY"), "verify ok")
 	if got != src {
@@ -319,9 +245,9 @@ func TestCtrPageServerKilledDuringRestore(t *testing.T) {
 func testKilledDuringRestore(t *testing.T, victim string) {
 	a, b := ctrHosts(t)
 	a.RunKV(t, "kv", shimapi.RuntimeName, "-mib", "768", "-port", kvPort)
-	ctr(t, a, "container", "checkpoint", "--task", "kv", "ckpt/kv:1")
-	move(t, a, b, "ckpt/kv:1")
-	srcPid, _ := taskPid(t, a, "kv")
+	a.MustCtr(t, "container", "checkpoint", "--task", "kv", "ckpt/kv:1")
+	a.MoveImage(t, b, "ckpt/kv:1")
+	srcPid, _ := a.TaskPid(t, "kv")
 
 	events := b.Command("ctr", "-a", b.Address(), "-n", b.Namespace(), "events")
 	evOut, err := events.StdoutPipe()
@@ -341,10 +267,10 @@ func testKilledDuringRestore(t *testing.T, victim string) {
 		close(lines)
 	}()
 
-	ctr(t, b, "container", "restore", "--live", "clone", "ckpt/kv:1")
+	b.MustCtr(t, "container", "restore", "--live", "clone", "ckpt/kv:1")
 	kill := daemonOf(t, "__cowmig-page-server", fmt.Sprintf("--pid\x00%d\x00", srcPid))
 	if victim == "pager" {
-		clonePid, _ := taskPid(t, b, "clone")
+		clonePid, _ := b.TaskPid(t, "clone")
 		kill = daemonOf(t, "__cowmig-pager", fmt.Sprintf("--stub\x00%d\x00", clonePid))
 	}
 	if err := kill.Kill(); err != nil {
@@ -450,21 +376,21 @@ func daemonOf(t *testing.T, with, want string) *os.Process {
 func TestCtrSecurityAttributesPreserved(t *testing.T) {
 	a, b := ctrHosts(t)
 	logURI := "file://" + filepath.Join(a.Dir(), "kv.log")
-	ctr(t, a, "run", "-d", "--net-host", "--seccomp", "--cap-drop", "CAP_NET_RAW", "--cap-add", "CAP_SYS_NICE",
+	a.MustCtr(t, "run", "-d", "--net-host", "--seccomp", "--cap-drop", "CAP_NET_RAW", "--cap-add", "CAP_SYS_NICE",
 		"--runtime", shimapi.RuntimeName, "--log-uri", logURI, ctrtest.ImageRef, "kv", "/kvserver", "-mib", "32", "-port", kvPort)
 	if _, err := ctrtest.WaitReady(a.Netns().Name, a.IP()+":"+kvPort, ctrtest.ReadyTimeout); err != nil {
 		t.Fatal(err)
 	}
-	srcPid, _ := taskPid(t, a, "kv")
+	srcPid, _ := a.TaskPid(t, "kv")
 	want := securityStatus(t, srcPid)
 	if !strings.Contains(want, "Seccomp:\t2") {
 		t.Fatalf("source runs without a seccomp filter:\n%s", want)
 	}
-	ctr(t, a, "container", "checkpoint", "--task", "kv", "ckpt/kv:1")
-	move(t, a, b, "ckpt/kv:1")
-	ctr(t, b, "container", "restore", "--live", "clone", "ckpt/kv:1")
+	a.MustCtr(t, "container", "checkpoint", "--task", "kv", "ckpt/kv:1")
+	a.MoveImage(t, b, "ckpt/kv:1")
+	b.MustCtr(t, "container", "restore", "--live", "clone", "ckpt/kv:1")
 	parseKV(t, query(t, b, b.IP()+":"+kvPort, "VERIFY"), "verify ok")
-	clonePid, _ := taskPid(t, b, "clone")
+	clonePid, _ := b.TaskPid(t, "clone")
 	if got := securityStatus(t, clonePid); got != want {
 		t.Errorf("clone's /proc/PID/status:\n%s\nsource's:\n%s", got, want)
 	}

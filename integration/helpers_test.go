@@ -9,7 +9,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"sort"
 	"strconv"
 	"strings"
@@ -19,6 +18,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/cowmig/cowmig/internal/ctrtest"
 	"github.com/cowmig/cowmig/internal/testworkload"
 )
 
@@ -47,13 +47,13 @@ func runTests(m *testing.M) int {
 		fmt.Fprintf(os.Stderr, "integration: %v\n", err)
 		return 1
 	}
-	root, err := moduleRoot()
+	root, err := ctrtest.ModuleRoot()
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "integration: %v\n", err)
 		return 1
 	}
 	bin := filepath.Join(dir, "cowmig")
-	build := exec.Command(goTool(), "build", "-o", bin, "./cmd/cowmig")
+	build := exec.Command(ctrtest.GoTool(), "build", "-o", bin, "./cmd/cowmig")
 	build.Dir = root
 	if out, err := build.CombinedOutput(); err != nil {
 		fmt.Fprintf(os.Stderr, "integration: go build ./cmd/cowmig: %v\n%s", err, out)
@@ -62,7 +62,7 @@ func runTests(m *testing.M) int {
 	cowmigBin = bin
 	// The containerd tests put this directory on containerd's PATH.
 	shimBin = filepath.Join(dir, "containerd-shim-cowmig-v2")
-	build = exec.Command(goTool(), "build", "-o", shimBin, "./cmd/containerd-shim-cowmig-v2")
+	build = exec.Command(ctrtest.GoTool(), "build", "-o", shimBin, "./cmd/containerd-shim-cowmig-v2")
 	build.Dir = root
 	if out, err := build.CombinedOutput(); err != nil {
 		fmt.Fprintf(os.Stderr, "integration: go build ./cmd/containerd-shim-cowmig-v2: %v\n%s", err, out)
@@ -79,35 +79,6 @@ func runTests(m *testing.M) int {
 		}
 	}
 	return m.Run()
-}
-
-// moduleRoot walks up from the working directory to go.mod.
-func moduleRoot() (string, error) {
-	dir, err := os.Getwd()
-	if err != nil {
-		return "", err
-	}
-	for {
-		if _, err := os.Stat(filepath.Join(dir, "go.mod")); err == nil {
-			return dir, nil
-		}
-		parent := filepath.Dir(dir)
-		if parent == dir {
-			return "", errors.New("no go.mod above the working directory")
-		}
-		dir = parent
-	}
-}
-
-// goTool is the go command that runs this test, else the one on PATH.
-func goTool() string {
-	if p := filepath.Join(runtime.GOROOT(), "bin", "go"); fileExists(p) {
-		return p
-	}
-	if p, err := exec.LookPath("go"); err == nil {
-		return p
-	}
-	return "/usr/local/go/bin/go"
 }
 
 func fileExists(p string) bool {

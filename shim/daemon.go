@@ -106,19 +106,7 @@ func pager(args []string) error {
 	st := r.Stats()
 	st.PagerPid = os.Getpid()
 	daemon.Report(st)
-	log := daemon.Log()
-	start := time.Now()
-	err = r.Serve(ctx)
-	switch {
-	case errors.Is(err, checkpoint.ErrCloneExited):
-		fmt.Fprintf(log, "cowmig pager: pid %d exited after %v, before all its pages were local\n", r.Pid, time.Since(start))
-		return nil
-	case err != nil:
-		fmt.Fprintf(log, "cowmig pager: pid %d: %v (the clone was killed)\n", r.Pid, err)
-		return err
-	}
-	fmt.Fprintf(log, "cowmig pager: pid %d: all %d lazy pages local after %v\n", r.Pid, r.Image.Stats.PagesLazy, time.Since(start))
-	return nil
+	return r.ServeLogged(ctx, daemon.Log())
 }
 
 // stubStdio takes the stub's fds 0-2, the task's IO that runc gave it,

@@ -105,13 +105,9 @@ func TestContainerdBench(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	root, err := moduleRoot()
-	if err != nil {
-		t.Fatal(err)
-	}
 	began := time.Now()
-	bins := buildBinaries(t, root)
-	a, b := startHosts(t, root, bins)
+	bins := buildBinaries(t)
+	a, b := ctrtest.CowmigHosts(t, bins.dir)
 	bn := &bench{t: t, a: a, b: b, bins: bins, work: t.TempDir(), sourceOK: map[int]bool{}}
 	for _, mib := range cfg.sizes {
 		bn.runSize(mib, cfg.reps)
@@ -126,7 +122,7 @@ func (bn *bench) runSize(mib, reps int) {
 	id := fmt.Sprintf("kv%d", mib)
 	addr := bn.a.RunKV(t, id, shimapi.RuntimeName, "-mib", strconv.Itoa(mib), "-port", kvPort)
 	src := &source{id: id, mib: mib, addr: addr}
-	src.pid, _ = taskPid(t, bn.a, id)
+	src.pid, _ = bn.a.TaskPid(t, id)
 	t.Logf("source %s: %d MiB, pid %d, at %s", id, mib, src.pid, addr)
 	for rep := 0; rep < reps; rep++ {
 		var longest float64
@@ -221,7 +217,7 @@ func (bn *bench) checkpoint(src *source, m string, rep int) ckptRep {
 			t.Logf("containerd log: %s", line)
 		}
 		if m == mTask {
-			ref = checkpointRef(t, out)
+			ref = ctrtest.CheckpointRef(t, out)
 		}
 		if m == mContainer {
 			bn.restore(src, ref, rep)
@@ -229,7 +225,7 @@ func (bn *bench) checkpoint(src *source, m string, rep int) ckptRep {
 		if left := waitPageServersGone(src.pid, true, daemonWait); len(left) > 0 {
 			t.Fatalf("page servers %v of pid %d survive SIGKILL", left, src.pid)
 		}
-		ctr(t, bn.a, "image", "rm", ref)
+		bn.a.MustCtr(t, "image", "rm", ref)
 	case mLive, mStop:
 		var st live.CheckpointStats
 		if err := json.Unmarshal([]byte(out), &st); err != nil {
@@ -296,18 +292,6 @@ func (bn *bench) shimFreeze(off int, id string) (float64, string) {
 	}
 }
 
-// checkpointRef extracts the image name `ctr task checkpoint` prints.
-func checkpointRef(t *testing.T, out string) string {
-	t.Helper()
-	for _, l := range strings.Split(out, "\n") {
-		if strings.HasPrefix(l, "containerd.io/checkpoint/") {
-			return strings.TrimSpace(l)
-		}
-	}
-	t.Fatalf("no checkpoint image in ctr output %q", out)
-	return ""
-}
-
 // pagerDoneRE is the pager's last line once every page is local.
 var pagerDoneRE = regexp.MustCompile(`all (\d+) lazy pages local after (\S+)`)
 
@@ -321,7 +305,7 @@ func (bn *bench) restore(src *source, ref string, rep int) {
 	// exit 0 before its goroutine has copied the whole stream into the
 	// file (core/transfer/archive ImageExportStream.MarshalAny does not
 	// wait for it): the archive then ends in the middle of a blob.
-	ctr(t, a, "image", "export", "--local", "--skip-manifest-json", tar, ref)
+	a.MustCtr(t, "image", "export", "--local", "--skip-manifest-json", tar, ref)
 	if out, err := b.Ctr("image", "import", tar); err != nil {
 		t.Fatalf("host b: %v\n%s\n%s", err, out, bn.exportDiagnosis(tar, ref))
 	}
@@ -392,7 +376,7 @@ func (bn *bench) restore(src *source, ref string, rep int) {
 	t.Logf("%d MiB rep %d restore: command %.1f ms, shim start %.1f ms, restore %.1f ms, first GET %.1f ms, all local %.1f ms (pager %.1f ms), %d lazy pages, VERIFY %q",
 		src.mib, rep, r.cmdMs, r.startMs, r.restoreMs, r.firstGetMs, r.localMs, r.pullMs, r.lazyPages, line)
 	removeContainer(t, b, id)
-	ctr(t, b, "image", "rm", ref)
+	b.MustCtr(t, "image", "rm", ref)
 }
 
 // getPoller sends GET to a restoring clone until it first answers.

@@ -1,19 +1,16 @@
 package ctrbench
 
 import (
-	"errors"
 	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"strconv"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/cowmig/cowmig/internal/ctrtest"
-	"github.com/cowmig/cowmig/shim/shimapi"
 )
 
 // kvPort is the kvserver's port: the source's on A, the clone's on B.
@@ -62,117 +59,23 @@ type binaries struct {
 }
 
 // buildBinaries builds the shim and the cowmig CLI into a fresh directory.
-func buildBinaries(t *testing.T, root string) binaries {
+func buildBinaries(t *testing.T) binaries {
 	t.Helper()
 	dir := t.TempDir()
-	for _, pkg := range []string{"./cmd/containerd-shim-cowmig-v2", "./cmd/cowmig"} {
-		build := exec.Command(goTool(), "build", "-o", dir+"/", pkg)
-		build.Dir = root
-		if out, err := build.CombinedOutput(); err != nil {
-			t.Fatalf("go build %s: %v\n%s", pkg, err, out)
-		}
+	if err := ctrtest.BuildCommands(dir, "./cmd/containerd-shim-cowmig-v2", "./cmd/cowmig"); err != nil {
+		t.Fatal(err)
 	}
 	return binaries{dir: dir, cowmig: filepath.Join(dir, "cowmig")}
-}
-
-// startHosts starts hosts A and B like the integration tests' ctrHosts:
-// containerd finds the shim on its PATH and imports config/cowmig.toml;
-// the shim's config puts page servers on the host's veth address and
-// runc state in a directory of its own. Both hosts get the kvserver image.
-func startHosts(t *testing.T, root string, bins binaries) (a, b *ctrtest.Host) {
-	t.Helper()
-	dir := t.TempDir()
-	n := ctrtest.NewNet(t)
-	start := func(ns *ctrtest.Netns) *ctrtest.Host {
-		cfgDir := filepath.Join(dir, "cowmig-"+ns.IP)
-		if err := os.MkdirAll(cfgDir, 0o700); err != nil {
-			t.Fatal(err)
-		}
-		cfg := filepath.Join(cfgDir, "config.toml")
-		text := fmt.Sprintf("listen = \"tcp:%s:0\"\nttl = \"2m\"\nrunc_root = %q\nstate_dir = %q\n",
-			ns.IP, filepath.Join(cfgDir, "runc"), filepath.Join(cfgDir, "state"))
-		if err := os.WriteFile(cfg, []byte(text), 0o600); err != nil {
-			t.Fatal(err)
-		}
-		return ctrtest.StartHost(t, ns, dir, ctrtest.Options{
-			ExtraPath: bins.dir,
-			Env:       []string{shimapi.ConfigEnv + "=" + cfg},
-			Imports:   []string{filepath.Join(root, "config", "cowmig.toml")},
-		})
-	}
-	a, b = start(n.A), start(n.B)
-	tarPath, _ := ctrtest.BuildImage(t, dir)
-	a.Import(t, tarPath)
-	b.Import(t, tarPath)
-	return a, b
-}
-
-// moduleRoot walks up from the working directory to go.mod.
-func moduleRoot() (string, error) {
-	dir, err := os.Getwd()
-	if err != nil {
-		return "", err
-	}
-	for {
-		if _, err := os.Stat(filepath.Join(dir, "go.mod")); err == nil {
-			return dir, nil
-		}
-		parent := filepath.Dir(dir)
-		if parent == dir {
-			return "", errors.New("no go.mod above the working directory")
-		}
-		dir = parent
-	}
-}
-
-// goTool is the go command that runs this test, else the one on PATH.
-func goTool() string {
-	if p := filepath.Join(runtime.GOROOT(), "bin", "go"); fileExists(p) {
-		return p
-	}
-	if p, err := exec.LookPath("go"); err == nil {
-		return p
-	}
-	return "/usr/local/go/bin/go"
-}
-
-func fileExists(p string) bool {
-	_, err := os.Stat(p)
-	return err == nil
-}
-
-// ctr runs ctr on h and fails the test on error.
-func ctr(t *testing.T, h *ctrtest.Host, args ...string) string {
-	t.Helper()
-	out, err := h.Ctr(args...)
-	if err != nil {
-		t.Fatalf("host %s: %v", h.Name(), err)
-	}
-	return strings.TrimSpace(out)
-}
-
-// taskPid is the host pid of container id's task on h, and its status.
-func taskPid(t *testing.T, h *ctrtest.Host, id string) (int, string) {
-	t.Helper()
-	for _, l := range strings.Split(ctr(t, h, "task", "ls"), "\n") {
-		f := strings.Fields(l)
-		if len(f) == 3 && f[0] == id {
-			pid, _ := strconv.Atoi(f[1])
-			return pid, f[2]
-		}
-	}
-	t.Fatalf("host %s: no task %s", h.Name(), id)
-	return 0, ""
 }
 
 // removeContainer kills container id's task on h, waits for it to stop
 // and deletes task and container, so its port is free again.
 func removeContainer(t *testing.T, h *ctrtest.Host, id string) {
 	t.Helper()
-	ctr(t, h, "task", "kill", "-s", "KILL", id)
+	h.MustCtr(t, "task", "kill", "-s", "KILL", id)
 	deadline := time.Now().Add(20 * time.Second)
 	for {
-		if _, st := taskPid(t, h, id); st == "STOPPED" {
+		if _, st := h.TaskPid(t, id); st == "STOPPED" {
 			break
 		}
 		if time.Now().After(deadline) {
@@ -180,8 +83,8 @@ func removeContainer(t *testing.T, h *ctrtest.Host, id string) {
 		}
 		time.Sleep(10 * time.Millisecond) // ctr offers nothing to wait on
 	}
-	ctr(t, h, "task", "rm", id)
-	ctr(t, h, "container", "rm", id)
+	h.MustCtr(t, "task", "rm", id)
+	h.MustCtr(t, "container", "rm", id)
 }
 
 // pageServers lists the shim's page-server daemons that snapshot srcPid.

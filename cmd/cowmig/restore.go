@@ -7,10 +7,8 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"time"
 
 	"github.com/cowmig/cowmig/checkpoint"
-	"github.com/cowmig/cowmig/checkpoint/image"
 	"github.com/cowmig/cowmig/internal/ctrapi"
 	"github.com/cowmig/cowmig/internal/daemon"
 	"github.com/cowmig/cowmig/internal/live"
@@ -141,17 +139,5 @@ func restoreDaemon(args []string) error {
 	st := r.Stats()
 	st.PagerPid = os.Getpid()
 	daemon.Report(st)
-	log := daemon.Log()
-	start := time.Now()
-	if err := r.Serve(ctx); errors.Is(err, checkpoint.ErrCloneExited) {
-		fmt.Fprintf(log, "cowmig pager: pid %d exited after %v, before all its pages were local\n", r.Pid, time.Since(start))
-		return nil
-	} else if err != nil {
-		fmt.Fprintf(log, "cowmig pager: pid %d: %v (the clone was killed)\n", r.Pid, err)
-		return err
-	}
-	if r.Image.Mode == image.ModeLive {
-		fmt.Fprintf(log, "cowmig pager: pid %d: all %d lazy pages local after %v\n", r.Pid, r.Image.Stats.PagesLazy, time.Since(start))
-	}
-	return nil
+	return r.ServeLogged(ctx, daemon.Log())
 }

@@ -152,22 +152,6 @@ func Restore(ctx context.Context, t Target, id, dir string, o RestoreOptions) (R
 		return res, err
 	}
 	defer c.Close()
-	img, err := c.GetImage(ctx, ref)
-	if err != nil {
-		return res, fmt.Errorf("image %s: %w", ref, err)
-	}
-	ctr, err := c.NewContainer(ctx, id,
-		containerd.WithImage(img),
-		containerd.WithNewSnapshot(id, img),
-		containerd.WithSpec(&spec),
-		containerd.WithRuntime(shimapi.RuntimeName, nil))
-	if err != nil {
-		return res, fmt.Errorf("create container %s: %w", id, err)
-	}
-	creator := cio.NullIO
-	if o.LogPath != "" {
-		creator = cio.LogFile(o.LogPath)
-	}
 	fromDir := func(_ context.Context, _ *containerd.Client, ti *containerd.TaskInfo) error {
 		ti.Checkpoint = &types.Descriptor{MediaType: images.MediaTypeContainerd1Checkpoint,
 			Annotations: map[string]string{"RestoreFromPath": dir}}
@@ -175,14 +159,9 @@ func Restore(ctx context.Context, t Target, id, dir string, o RestoreOptions) (R
 	}
 	// With RestoreFromPath containerd starts the task right after
 	// creating it (the restore path CRI uses): no Start here.
-	start := time.Now()
-	task, err := ctr.NewTask(ctx, creator, fromDir)
-	if err != nil {
-		ctr.Delete(ctx, containerd.WithSnapshotCleanup)
-		return res, fmt.Errorf("create task %s: %w", id, err)
+	if res, err = startClone(ctx, c, id, ref, &spec, o, fromDir, false); err != nil {
+		return res, err
 	}
-	res.StartMs = float64(time.Since(start).Microseconds()) / 1000
-	res.Pid = int(task.Pid())
 	if b, err := os.ReadFile(filepath.Join(dir, shimapi.RestoreStatsPrefix+id+".json")); err == nil {
 		var st live.RestoreStats
 		if json.Unmarshal(b, &st) == nil {
@@ -251,9 +230,18 @@ func RestoreImage(ctx context.Context, t Target, id, ref string, o RestoreOption
 	if base == "" {
 		return res, fmt.Errorf("checkpoint image %s names no container image; give one", ref)
 	}
-	img, err := c.GetImage(ctx, base)
+	return startClone(ctx, c, id, base, spec, o, containerd.WithTaskCheckpoint(ckpt), true)
+}
+
+// startClone creates container id from image ref with spec under the
+// cowmig shim, and its task with from, the checkpoint; start says whether
+// the task must be started too (a restore from a path starts itself).
+func startClone(ctx context.Context, c *containerd.Client, id, ref string, spec *specs.Spec, o RestoreOptions,
+	from containerd.NewTaskOpts, start bool) (RestoreResult, error) {
+	res := RestoreResult{ID: id}
+	img, err := c.GetImage(ctx, ref)
 	if err != nil {
-		return res, fmt.Errorf("image %s: %w", base, err)
+		return res, fmt.Errorf("image %s: %w", ref, err)
 	}
 	ctr, err := c.NewContainer(ctx, id,
 		containerd.WithImage(img),
@@ -267,18 +255,20 @@ func RestoreImage(ctx context.Context, t Target, id, ref string, o RestoreOption
 	if o.LogPath != "" {
 		creator = cio.LogFile(o.LogPath)
 	}
-	start := time.Now()
-	task, err := ctr.NewTask(ctx, creator, containerd.WithTaskCheckpoint(ckpt))
+	began := time.Now()
+	task, err := ctr.NewTask(ctx, creator, from)
 	if err != nil {
 		ctr.Delete(ctx, containerd.WithSnapshotCleanup)
 		return res, fmt.Errorf("create task %s: %w", id, err)
 	}
-	if err := task.Start(ctx); err != nil {
-		task.Delete(ctx, containerd.WithProcessKill)
-		ctr.Delete(ctx, containerd.WithSnapshotCleanup)
-		return res, fmt.Errorf("start task %s: %w", id, err)
+	if start {
+		if err := task.Start(ctx); err != nil {
+			task.Delete(ctx, containerd.WithProcessKill)
+			ctr.Delete(ctx, containerd.WithSnapshotCleanup)
+			return res, fmt.Errorf("start task %s: %w", id, err)
+		}
 	}
-	res.StartMs = float64(time.Since(start).Microseconds()) / 1000
+	res.StartMs = live.Ms(time.Since(began))
 	res.Pid = int(task.Pid())
 	return res, nil
 }

@@ -9,6 +9,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"sync"
@@ -282,6 +283,26 @@ func (r *Restoring) Serve(ctx context.Context) error {
 		err = r.c.Done(ctx, r.proc)
 	}
 	return errors.Join(err, r.c.Close())
+}
+
+// ServeLogged is Serve for a pager daemon: it says in log how the lazy
+// phase ended (the shim and tests read the last line) and counts a clone
+// that exited before all its pages were local as no error.
+func (r *Restoring) ServeLogged(ctx context.Context, log io.Writer) error {
+	start := time.Now()
+	err := r.Serve(ctx)
+	switch {
+	case errors.Is(err, checkpoint.ErrCloneExited):
+		fmt.Fprintf(log, "cowmig pager: pid %d exited after %v, before all its pages were local\n", r.Pid, time.Since(start))
+		return nil
+	case err != nil:
+		fmt.Fprintf(log, "cowmig pager: pid %d: %v (the clone was killed)\n", r.Pid, err)
+		return err
+	}
+	if r.Image.Mode == image.ModeLive {
+		fmt.Fprintf(log, "cowmig pager: pid %d: all %d lazy pages local after %v\n", r.Pid, r.Image.Stats.PagesLazy, time.Since(start))
+	}
+	return nil
 }
 
 // fetcher pulls pages from the page server.
