@@ -10,11 +10,12 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/cowmig/cowmig/internal/testworkload"
 )
 
 // ImageRef is the reference BuildImage gives the kvserver image.
@@ -253,57 +254,9 @@ func digest(b []byte) string {
 	return "sha256:" + hex.EncodeToString(sum[:])
 }
 
-func cacheDir() (string, error) {
-	base, err := os.UserCacheDir()
-	if err != nil {
-		return "", fmt.Errorf("user cache dir: %w", err)
-	}
-	dir := filepath.Join(base, "cowmig", "ctrtest")
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return "", fmt.Errorf("create %s: %w", dir, err)
-	}
-	return dir, nil
-}
+func cacheDir() (string, error) { return testworkload.CacheDir("ctrtest") }
 
-// buildKVServer returns dir/kvserver-<hash>, compiling it first if missing.
-// Each build is renamed into place atomically, so parallel test binaries
-// share the cache safely.
+// buildKVServer returns kvserver's binary in dir, compiling it if missing.
 func buildKVServer(dir string) (string, error) {
-	h := sha256.New()
-	h.Write([]byte(kvCflags + "\x00" + kvserverC))
-	out := filepath.Join(dir, "kvserver-"+hex.EncodeToString(h.Sum(nil))[:16])
-	if fi, err := os.Stat(out); err == nil && fi.Mode().IsRegular() && fi.Mode()&0o100 != 0 {
-		return out, nil
-	}
-	gcc, err := exec.LookPath("gcc")
-	if err != nil {
-		return "", fmt.Errorf("find gcc (scripts/deps.sh installs it): %w", err)
-	}
-	tmp, err := os.CreateTemp(dir, ".build-*")
-	if err != nil {
-		return "", fmt.Errorf("create temp binary: %w", err)
-	}
-	tmpName := tmp.Name()
-	tmp.Close()
-	defer os.Remove(tmpName) // gone already after a successful rename
-
-	args := append(strings.Fields(kvCflags), "-x", "c", "-o", tmpName, "-")
-	cmd := exec.Command(gcc, args...)
-	cmd.Stdin = strings.NewReader(kvserverC)
-	var diag bytes.Buffer
-	cmd.Stdout = &diag
-	cmd.Stderr = &diag
-	if err := cmd.Run(); err != nil {
-		return "", fmt.Errorf("gcc %s: %w\n%s", strings.Join(args, " "), err, diag.String())
-	}
-	if diag.Len() > 0 {
-		return "", fmt.Errorf("gcc %s: warnings in kvserver.c:\n%s", strings.Join(args, " "), diag.String())
-	}
-	if err := os.Chmod(tmpName, 0o755); err != nil {
-		return "", fmt.Errorf("chmod %s: %w", tmpName, err)
-	}
-	if err := os.Rename(tmpName, out); err != nil {
-		return "", fmt.Errorf("install %s: %w", out, err)
-	}
-	return out, nil
+	return testworkload.CompileC(dir, "kvserver", kvserverC, kvCflags)
 }

@@ -125,23 +125,33 @@ func Counter(line, key string) (uint64, error) {
 // ErrNoField reports that a workload line lacks the asked field.
 var ErrNoField = errors.New("no such field")
 
-func cacheDir() (string, error) {
+// CacheDir is the user cache directory for builds of test programs,
+// ~/.cache/cowmig/<sub>, created if missing.
+func CacheDir(sub string) (string, error) {
 	base, err := os.UserCacheDir()
 	if err != nil {
 		return "", fmt.Errorf("user cache dir: %w", err)
 	}
-	dir := filepath.Join(base, "cowmig", "testworkload")
+	dir := filepath.Join(base, "cowmig", sub)
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return "", fmt.Errorf("create %s: %w", dir, err)
 	}
 	return dir, nil
 }
 
-// buildC returns dir/workload-<hash>, compiling it first if it is missing.
-func buildC(dir string) (string, error) {
+func cacheDir() (string, error) { return CacheDir("testworkload") }
+
+// buildC returns the workload's binary in dir, compiling it if missing.
+func buildC(dir string) (string, error) { return CompileC(dir, "workload", workloadC, cflags) }
+
+// CompileC returns dir/<name>-<hash of src and cflags>, compiling the C
+// program src with gcc first if it is missing; a warning is an error.
+// Each build is renamed into place, so parallel test binaries share the
+// cache safely.
+func CompileC(dir, name, src, cflags string) (string, error) {
 	h := sha256.New()
-	h.Write([]byte(cflags + "\x00" + workloadC))
-	out := filepath.Join(dir, "workload-"+hex.EncodeToString(h.Sum(nil))[:16])
+	h.Write([]byte(cflags + "\x00" + src))
+	out := filepath.Join(dir, name+"-"+hex.EncodeToString(h.Sum(nil))[:16])
 	if fi, err := os.Stat(out); err == nil && fi.Mode().IsRegular() && fi.Mode()&0o100 != 0 {
 		return out, nil
 	}
@@ -159,7 +169,7 @@ func buildC(dir string) (string, error) {
 
 	args := append(strings.Fields(cflags), "-x", "c", "-o", tmpName, "-")
 	cmd := exec.Command(gcc, args...)
-	cmd.Stdin = strings.NewReader(workloadC)
+	cmd.Stdin = strings.NewReader(src)
 	var diag bytes.Buffer
 	cmd.Stdout = &diag
 	cmd.Stderr = &diag
@@ -167,7 +177,7 @@ func buildC(dir string) (string, error) {
 		return "", fmt.Errorf("gcc %s: %w\n%s", strings.Join(args, " "), err, diag.String())
 	}
 	if diag.Len() > 0 {
-		return "", fmt.Errorf("gcc %s: warnings in workload.c:\n%s", strings.Join(args, " "), diag.String())
+		return "", fmt.Errorf("gcc %s: warnings in %s.c:\n%s", strings.Join(args, " "), name, diag.String())
 	}
 	if err := os.Chmod(tmpName, 0o755); err != nil {
 		return "", fmt.Errorf("chmod %s: %w", tmpName, err)
