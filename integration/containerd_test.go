@@ -182,6 +182,41 @@ func TestCtrErrors(t *testing.T) {
 	}
 }
 
+// A real program: Debian's python3 (the host's /usr, bind-mounted
+// read-only into the kvserver image's rootfs) running pyworkload with
+// 256 MiB of state and its TCP protocol: the clone on B holds exactly the
+// source's state at the snapshot instant, and both run on.
+func TestCtrPythonClone(t *testing.T) {
+	a, b := ctrHosts(t)
+	script, err := filepath.Abs("../internal/testworkload/pyworkload.py")
+	if err != nil {
+		t.Fatal(err)
+	}
+	a.MustCtr(t, "run", "-d", "--net-host", "--runtime", shimapi.RuntimeName,
+		"--log-uri", "file://"+filepath.Join(a.Dir(), "py.log"),
+		"--mount", "type=bind,src=/usr,dst=/usr,options=rbind:ro",
+		"--mount", "type=bind,src=/usr/lib64,dst=/lib64,options=rbind:ro",
+		"--mount", "type=bind,src=/usr/lib,dst=/lib,options=rbind:ro",
+		"--mount", "type=bind,src="+script+",dst=/pyworkload.py,options=rbind:ro",
+		ctrtest.ImageRef, "py", "/usr/bin/python3", "/pyworkload.py", "256", "--port", kvPort, "--quiet")
+	addrA := a.IP() + ":" + kvPort
+	if _, err := ctrtest.WaitReady(a.Netns().Name, addrA, 2*ctrtest.ReadyTimeout); err != nil {
+		t.Fatalf("python container: %v\n%s", err, readFile(filepath.Join(a.Dir(), "py.log")))
+	}
+	src := parseKV(t, query(t, a, addrA, "PAUSE"), "paused")
+	a.MustCtr(t, "container", "checkpoint", "--task", "py", "ckpt/py:1")
+	query(t, a, addrA, "RESUME")
+	a.MoveImage(t, b, "ckpt/py:1")
+	b.MustCtr(t, "container", "restore", "--live", "clone", "ckpt/py:1")
+	addrB := b.IP() + ":" + kvPort
+	if got := parseKV(t, query(t, b, addrB, "VERIFY"), "verify ok"); got != src {
+		t.Errorf("python clone holds %+v, the source had %+v at the snapshot", got, src)
+	}
+	query(t, b, addrB, "RESUME")
+	parseKV(t, query(t, b, addrB, "VERIFY"), "verify ok")
+	parseKV(t, query(t, a, addrA, "VERIFY"), "verify ok")
+}
+
 // ctr task checkpoint (the client pauses the task around the call) →
 // export/import → restore on B. `ctr c restore` cannot restore a task
 // checkpoint (its index lacks the image name annotation), so cowmig

@@ -14,6 +14,12 @@ boundary, with S steps and T dict steps done:
   expand(b, gen[b]);
   d[k] = value(k, the largest t < T with t % NKEYS == k).
 Signal handlers only set flags; the main loop acts on them between steps.
+With --port P a thread also serves one-line TCP requests on 0.0.0.0:P, in
+the protocol of internal/ctrtest's kvserver (blocking accept, no epoll):
+  GET      answered at once: "count <S> mib <MiB>"
+  VERIFY   "verify ok count=<S> sum=<sha256 prefix>" or "verify FAIL ..."
+  PAUSE    the main loop stops between steps: "paused count=<S> sum=<...>"
+  RESUME   "resumed"; anything else "error unknown command".
   SIGUSR1: verify everything, print "verify ok step=<S> sha=<sha256 of the
            state>" or "verify FAIL <first failure> (bad=<n>)".
   SIGUSR2: print "counters step=<S> dictstep=<T>".
@@ -23,8 +29,11 @@ Signal handlers only set flags; the main loop acts on them between steps.
 import argparse
 import hashlib
 import os
+import queue
 import signal
+import socket
 import sys
+import threading
 import time
 
 BLOCK = 64 * 1024
@@ -72,6 +81,10 @@ class Workload:
         self.want_verify = False
         self.want_counters = False
         self.want_exit = False
+        # TCP requests for the main loop: (command, reply queue).
+        self.requests = queue.Queue()
+        self.paused = False
+        self.mib = mib
 
     def write_block(self, b, g):
         self.gen[b] = g
@@ -126,10 +139,62 @@ class Workload:
             h.update(repr(self.d[k]).encode())
         return f"verify ok step={self.step} sha={h.hexdigest()}"
 
+    def tcp_answer(self, cmd):
+        """Answers a TCP request between steps."""
+        if cmd == "VERIFY" or cmd == "PAUSE":
+            v = self.verify()
+            if v.startswith("verify ok"):
+                sha = v.split("sha=")[1][:16]
+                v = f"verify ok count={self.step} sum={sha}"
+                if cmd == "PAUSE":
+                    self.paused = True
+                    return f"paused count={self.step} sum={sha}"
+            return v
+        if cmd == "RESUME":
+            self.paused = False
+            return "resumed"
+        return "error unknown command"
+
+    def serve(self, port):
+        ls = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        ls.bind(("0.0.0.0", port))
+        ls.listen(64)
+
+        def loop():
+            while True:
+                try:
+                    c, _ = ls.accept()
+                except InterruptedError:
+                    continue
+                with c:
+                    try:
+                        cmd = c.makefile("r").readline().strip()
+                        if cmd == "GET":
+                            line = f"count {self.step} mib {self.mib}"
+                        else:
+                            reply = queue.Queue()
+                            self.requests.put((cmd, reply))
+                            line = reply.get()
+                        c.sendall((line + "\n").encode())
+                    except OSError:
+                        pass
+
+        threading.Thread(target=loop, daemon=True).start()
+
     def run(self):
         t0 = time.monotonic()
         done = 0
         while True:
+            while self.paused or not self.requests.empty():
+                try:
+                    cmd, reply = self.requests.get(timeout=0.05 if self.paused else 0)
+                except queue.Empty:
+                    if self.want_exit:
+                        os._exit(0)
+                    continue
+                reply.put(self.tcp_answer(cmd))
+                t0, done = time.monotonic(), 0
             if self.want_exit:
                 sys.stdout.flush()
                 os._exit(0)
@@ -158,6 +223,7 @@ def main():
     ap.add_argument("mib", nargs="?", type=int, default=256, help="MiB of blocks (default 256)")
     ap.add_argument("--rate", type=int, default=1000, help="steps per second, 0 = unlimited")
     ap.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    ap.add_argument("--port", type=int, default=0, help="also serve TCP requests on this port")
     ap.add_argument("--selftest-corrupt", action="store_true",
                     help="zero one block after ready so that verify must fail")
     args = ap.parse_args()
@@ -179,6 +245,8 @@ def main():
     if not args.quiet:
         print(f"pyworkload: pid {os.getpid()}, {w.nblocks} blocks, {NKEYS} keys",
               file=sys.stderr, flush=True)
+    if args.port:
+        w.serve(args.port)
     say(f"ready {os.getpid()}")
     if args.selftest_corrupt:
         w.corrupt()
