@@ -23,7 +23,9 @@ type readahead struct {
 	mu   sync.Mutex // guards the fields below; cond waits on it
 	cond *sync.Cond
 	// chunks are streamed pages not yet consumed, in address order.
-	chunks   []chunk
+	chunks []chunk
+	// free are the buffers of consumed chunks, for add to reuse.
+	free     [][]byte
 	buffered int
 	// head is the end of the last chunk received.
 	head uint64
@@ -68,19 +70,34 @@ func newReadahead(ctx context.Context, c *transport.Client, proc uint32, ranges 
 }
 
 // add receives one streamed chunk (data is reused by the client: copy).
+// The copy goes into a buffer a consumed chunk left (fresh memory costs a
+// page fault per 4 KiB here) and is made outside the lock, so that take
+// can serve a fault meanwhile.
 func (ra *readahead) add(addr uint64, data []byte) error {
 	ra.mu.Lock()
-	defer ra.mu.Unlock()
 	for ra.buffered >= raLimit && !ra.done {
 		ra.cond.Wait()
 	}
 	if ra.done {
+		ra.mu.Unlock()
 		return errStopped
 	}
-	ra.chunks = append(ra.chunks, chunk{addr, append([]byte(nil), data...)})
+	var b []byte
+	if n := len(ra.free); n > 0 {
+		b, ra.free = ra.free[n-1], ra.free[:n-1]
+	}
 	ra.buffered += len(data)
+	ra.mu.Unlock()
+	if cap(b) < len(data) {
+		b = make([]byte, len(data))
+	}
+	b = b[:len(data)]
+	copy(b, data)
+	ra.mu.Lock()
+	ra.chunks = append(ra.chunks, chunk{addr, b})
 	ra.head = addr + uint64(len(data))
 	ra.cond.Broadcast()
+	ra.mu.Unlock()
 	return nil
 }
 
@@ -110,6 +127,9 @@ func (ra *readahead) take(addr uint64, buf []byte) bool {
 		i := 0
 		for i < len(ra.chunks) && ra.chunks[i].addr+uint64(len(ra.chunks[i].data)) <= addr {
 			ra.buffered -= len(ra.chunks[i].data)
+			if len(ra.free) < raLimit>>20 {
+				ra.free = append(ra.free, ra.chunks[i].data)
+			}
 			i++
 		}
 		if i > 0 {
