@@ -258,6 +258,9 @@ func Restore(ctx context.Context, ro checkpoint.RestoreOptions) (*Restoring, err
 		r.stopRA = cancel
 		r.ra = newReadahead(raCtx, r.c, r.proc, ranges)
 		ro.Fetcher = fetcher{c: r.c, ra: r.ra}
+		if ro.FillChunk == 0 {
+			ro.FillChunk = transport.MaxChunkSize // one stream chunk per fill step
+		}
 		ro.OnRunning = sync.OnceFunc(r.ra.start)
 	}
 	if r.Restored, err = checkpoint.Restore(ctx, ro); err != nil {

@@ -59,7 +59,7 @@ func newReadahead(ctx context.Context, c *transport.Client, proc uint32, ranges 
 		ra.started = true
 		ra.mu.Unlock()
 		go func() {
-			err := c.Stream(ctx, proc, ranges, 1<<20, ra.add)
+			err := c.Stream(ctx, proc, ranges, transport.MaxChunkSize, ra.add)
 			ra.mu.Lock()
 			ra.done, ra.err = true, err
 			ra.cond.Broadcast()
