@@ -288,12 +288,35 @@ func (r *Restoring) Serve(ctx context.Context) error {
 	return errors.Join(err, r.c.Close())
 }
 
+// progressEvery is how often ServeLogged logs the lazy phase's progress.
+const progressEvery = 5 * time.Second
+
 // ServeLogged is Serve for a pager daemon: it says in log how the lazy
 // phase ended (the shim and tests read the last line) and counts a clone
 // that exited before all its pages were local as no error.
 func (r *Restoring) ServeLogged(ctx context.Context, log io.Writer) error {
 	start := time.Now()
+	stop := make(chan struct{})
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		total := r.Image.Stats.PagesLazy * image.PageSize
+		tick := time.NewTicker(progressEvery)
+		defer tick.Stop()
+		for {
+			select {
+			case <-stop:
+				return
+			case <-tick.C:
+				local := total - min(total, r.Remaining())
+				fmt.Fprintf(log, "cowmig pager: pid %d: %d of %d MiB local after %v\n",
+					r.Pid, local>>20, total>>20, time.Since(start).Round(time.Millisecond))
+			}
+		}
+	}()
 	err := r.Serve(ctx)
+	close(stop)
+	<-done
 	switch {
 	case errors.Is(err, checkpoint.ErrCloneExited):
 		fmt.Fprintf(log, "cowmig pager: pid %d exited after %v, before all its pages were local\n", r.Pid, time.Since(start))
