@@ -36,6 +36,8 @@ type Options struct {
 	// server that serves the returned Snapshot will listen.
 	Endpoint string
 	Token    []byte
+	// EndpointTLS records that the page server speaks TLS.
+	EndpointTLS bool
 	// PipeSize is the size of one pin pipe; 0 means fs.pipe-max-size
 	// capped at 4 MiB.
 	PipeSize int
@@ -220,7 +222,7 @@ func (d *dumper) frozen() (*Snapshot, error) {
 		Arch:       "x86_64",
 	}
 	if d.o.Mode == image.ModeLive {
-		d.img.Endpoint = d.o.Endpoint
+		d.img.Endpoint, d.img.EndpointTLS = d.o.Endpoint, d.o.EndpointTLS
 		d.img.Token = d.o.Token
 	}
 	p, err := d.process()

@@ -7,8 +7,16 @@ package integration
 
 import (
 	"bufio"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
 	"encoding/json"
+	"encoding/pem"
 	"fmt"
+	"math/big"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -548,5 +556,89 @@ func TestNerdctlCheckpoint(t *testing.T) {
 	}
 	if got := parseKV(t, query(t, a, addr, "VERIFY"), "verify ok"); got != src {
 		t.Errorf("restored container holds %+v, it had %+v at the checkpoint", got, src)
+	}
+}
+
+// TLS between page server and pager: both hosts' shims have a certificate
+// for their veth address signed by one CA, and trust that CA. A live
+// migration works over TLS; a host that does not trust the CA cannot
+// restore, with an error that says so, and runs nothing.
+func TestCtrTLS(t *testing.T) {
+	dir := t.TempDir()
+	ca, caKey := newCA(t)
+	caPath := filepath.Join(dir, "ca.pem")
+	writePEM(t, caPath, "CERTIFICATE", ca.Raw)
+	tlsConfig := func(ip string) string {
+		cert, key := newServerCert(t, ca, caKey, ip)
+		c, k := filepath.Join(dir, ip+".pem"), filepath.Join(dir, ip+"-key.pem")
+		writePEM(t, c, "CERTIFICATE", cert)
+		writePEM(t, k, "PRIVATE KEY", key)
+		return fmt.Sprintf("tls_cert = %q\ntls_key = %q\ntls_ca = %q\n", c, k, caPath)
+	}
+	needRoot(t)
+	a, b := ctrtest.CowmigHosts(t, filepath.Dir(shimBin), tlsConfig)
+	addrA := a.RunKV(t, "kv", shimapi.RuntimeName, "-mib", "64", "-port", kvPort)
+	src := parseKV(t, query(t, a, addrA, "PAUSE"), "paused")
+	a.MustCtr(t, "container", "checkpoint", "--task", "kv", "ckpt/kv:1")
+	query(t, a, addrA, "RESUME")
+	a.MoveImage(t, b, "ckpt/kv:1")
+	b.MustCtr(t, "container", "restore", "--live", "clone", "ckpt/kv:1")
+	if got := parseKV(t, query(t, b, b.IP()+":"+kvPort, "VERIFY"), "verify ok"); got != src {
+		t.Errorf("clone over TLS holds %+v, the source had %+v", got, src)
+	}
+	// The image says TLS: a CLI restore without the CA refuses at once.
+	img := filepath.Join(dir, "img")
+	cowmigCmd(t, a, "checkpoint", "--address", a.Address(), "--namespace", a.Namespace(), "--image", img, "kv")
+	out, err := cowmigCmdErr(b, "restore", "--image", img)
+	if err == nil || !strings.Contains(out, "speaks TLS") {
+		t.Errorf("restore without the CA: %v %q, want a refusal naming TLS", err, out)
+	}
+}
+
+func newCA(t *testing.T) (*x509.Certificate, *ecdsa.PrivateKey) {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "cowmig test CA"},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
+		IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ca, err := x509.ParseCertificate(der)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ca, key
+}
+
+func newServerCert(t *testing.T, ca *x509.Certificate, caKey *ecdsa.PrivateKey, ip string) (cert, key []byte) {
+	t.Helper()
+	k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(time.Now().UnixNano()), Subject: pkix.Name{CommonName: ip},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
+		IPAddresses: []net.IP{net.ParseIP(ip)}, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+		KeyUsage: x509.KeyUsageDigitalSignature}
+	cert, err = x509.CreateCertificate(rand.Reader, tmpl, ca, &k.PublicKey, caKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	key, err = x509.MarshalPKCS8PrivateKey(k)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return cert, key
+}
+
+func writePEM(t *testing.T, path, typ string, der []byte) {
+	t.Helper()
+	if err := os.WriteFile(path, pem.EncodeToMemory(&pem.Block{Type: typ, Bytes: der}), 0o600); err != nil {
+		t.Fatal(err)
 	}
 }

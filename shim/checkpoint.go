@@ -161,7 +161,8 @@ func (s *service) runCheckpointDaemon(ctx context.Context, id string, pid int, d
 	}
 	defer logf.Close()
 	args := []string{daemonCheckpoint, "--pid", fmt.Sprint(pid), "--image", dir, "--mode", mode,
-		"--listen", listen, "--advertise", cfg.Advertise, "--ttl", cfg.TTL.String(), "--max-age", cfg.MaxAge.String()}
+		"--listen", listen, "--advertise", cfg.Advertise, "--ttl", cfg.TTL.String(), "--max-age", cfg.MaxAge.String(),
+		"--tls-cert", cfg.TLSCert, "--tls-key", cfg.TLSKey}
 	var ec chan runcExit
 	c, err := daemon.Spawn(s.exe, args, logf, nil, func(c *exec.Cmd) (err error) {
 		ec, err = reaper.Default.Start(c)

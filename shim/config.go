@@ -41,6 +41,11 @@ type Config struct {
 	RuncRoot   string `toml:"runc_root"`
 	// StateDir holds page-server sockets and logs.
 	StateDir string `toml:"state_dir"`
+	// TLSCert and TLSKey (PEM) make page servers on TCP speak TLS;
+	// TLSCA (PEM) is the CA restores on this host trust for that.
+	TLSCert string `toml:"tls_cert"`
+	TLSKey  string `toml:"tls_key"`
+	TLSCA   string `toml:"tls_ca"`
 }
 
 // Duration is a time.Duration written as "5m".
@@ -106,6 +111,9 @@ func tomlError(err error) error {
 
 // Validate checks the page-server addresses.
 func (c Config) Validate() error {
+	if (c.TLSCert == "") != (c.TLSKey == "") {
+		return errors.New("tls_cert and tls_key go together")
+	}
 	if c.Listen == "unix" {
 		return nil
 	}

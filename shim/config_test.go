@@ -49,6 +49,7 @@ func TestConfig(t *testing.T) {
 		"listen = \"udp:1.2.3.4:5\"\n":    "listen",
 		"lisen = \"unix\"\n":              "lisen",
 		"ttl = \"soon\"\n":                "ttl",
+		"tls_cert = \"/c.pem\"\n":         "tls_key",
 	} {
 		if _, err := loadFrom(t, text); err == nil || !strings.Contains(err.Error(), want) {
 			t.Errorf("%q: error %v, want one naming %q", text, err, want)

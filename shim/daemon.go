@@ -53,7 +53,14 @@ func pageServer(args []string) error {
 	advertise := fs.String("advertise", "", "")
 	ttl := fs.Duration("ttl", 5*time.Minute, "")
 	maxAge := fs.Duration("max-age", 24*time.Hour, "")
+	var tf live.TLSFiles
+	fs.StringVar(&tf.Cert, "tls-cert", "", "")
+	fs.StringVar(&tf.Key, "tls-key", "", "")
 	if err := fs.Parse(args); err != nil {
+		return daemon.ReportFailure(err)
+	}
+	tlsCfg, err := tf.Server()
+	if err != nil {
 		return daemon.ReportFailure(err)
 	}
 	ctx := context.Background()
@@ -61,6 +68,7 @@ func pageServer(args []string) error {
 		Options:   checkpoint.Options{Mode: image.Mode(*mode), Dir: *dir},
 		Listen:    *listen,
 		Advertise: *advertise,
+		TLS:       tlsCfg,
 	})
 	if err != nil {
 		return daemon.ReportFailure(err)
@@ -84,7 +92,13 @@ func pager(args []string) error {
 	fs := flag.NewFlagSet(daemonRestore, flag.ContinueOnError)
 	dir := fs.String("image", "", "")
 	stub := fs.Int("stub", 0, "")
+	var tf live.TLSFiles
+	fs.StringVar(&tf.CA, "tls-ca", "", "")
 	if err := fs.Parse(args); err != nil {
+		return daemon.ReportFailure(err)
+	}
+	tlsCfg, err := tf.Client()
+	if err != nil {
 		return daemon.ReportFailure(err)
 	}
 	stdio, err := stubStdio(*stub)
@@ -96,7 +110,7 @@ func pager(args []string) error {
 		Dir: *dir, Stub: *stub, Stdin: stdio[0], Stdout: stdio[1], Stderr: stdio[2],
 		// runc installed the container's seccomp filter in the stub.
 		AllowSeccomp: true,
-	})
+	}, tlsCfg)
 	for _, f := range stdio {
 		f.Close()
 	}

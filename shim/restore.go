@@ -158,7 +158,7 @@ func (s *service) morph(ctx context.Context, id string, rs *restore, pid int) er
 	}
 	defer logf.Close()
 	var ec chan runcExit
-	c, err := daemon.Spawn(s.exe, []string{daemonRestore, "--image", rs.dir, "--stub", fmt.Sprint(pid)}, logf, nil,
+	c, err := daemon.Spawn(s.exe, []string{daemonRestore, "--image", rs.dir, "--stub", fmt.Sprint(pid), "--tls-ca", s.cfg.TLSCA}, logf, nil,
 		func(c *exec.Cmd) (err error) {
 			ec, err = reaper.Default.Start(c)
 			return err

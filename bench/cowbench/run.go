@@ -210,7 +210,7 @@ func restorePhase(ctx context.Context, cfg *config, dir, tmp, want string, res *
 	out := readLines(pr)
 	defer out.close()
 	t0 := time.Now()
-	r, err := live.Restore(ctx, checkpoint.RestoreOptions{Dir: dir, WorkDir: tmp, Stdout: pw, Stderr: pw})
+	r, err := live.Restore(ctx, checkpoint.RestoreOptions{Dir: dir, WorkDir: tmp, Stdout: pw, Stderr: pw}, nil)
 	pw.Close()
 	if err != nil {
 		return fmt.Errorf("%w: restore (%s): %w", errEngine, res.Mode, err)

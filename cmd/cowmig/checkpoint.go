@@ -37,6 +37,7 @@ type checkpointFlags struct {
 	// containerd mode: checkpoint a container through containerd's API.
 	address, namespace, container, advertise string
 	exit                                     bool
+	tlsCert, tlsKey                          string
 	set                                      map[string]bool // flags given
 }
 
@@ -56,6 +57,8 @@ func (c *checkpointFlags) parse(args []string) error {
 	fs.StringVar(&c.container, "container", "", "containerd container ID")
 	fs.StringVar(&c.advertise, "advertise", "", "page-server address written into the image (tcp:HOST), when --listen is a wildcard")
 	fs.BoolVar(&c.exit, "exit", false, "containerd: stop the task once the snapshot is safe (migration)")
+	fs.StringVar(&c.tlsCert, "tls-cert", "", "page server's TLS certificate (PEM) for a tcp: listener")
+	fs.StringVar(&c.tlsKey, "tls-key", "", "page server's TLS key (PEM)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -93,11 +96,13 @@ func (c *checkpointFlags) parse(args []string) error {
 	return nil
 }
 
-func (c *checkpointFlags) options() live.CheckpointOptions {
+func (c *checkpointFlags) options() (live.CheckpointOptions, error) {
+	tlsCfg, err := live.TLSFiles{Cert: c.tlsCert, Key: c.tlsKey}.Server()
 	return live.CheckpointOptions{
 		Options: checkpoint.Options{Mode: image.Mode(c.mode), Dir: c.dir, PipeSize: c.pipeSize, LeaveChildren: c.leaveKids},
 		Listen:  c.listen,
-	}
+		TLS:     tlsCfg,
+	}, err
 }
 
 func runCheckpoint(args []string) error {
@@ -129,7 +134,11 @@ func runCheckpoint(args []string) error {
 			return err
 		}
 	} else {
-		src, err := live.Checkpoint(context.Background(), c.pid, c.options())
+		o, err := c.options()
+		if err != nil {
+			return err
+		}
+		src, err := live.Checkpoint(context.Background(), c.pid, o)
 		if err != nil {
 			return err
 		}
@@ -151,7 +160,11 @@ func checkpointDaemon(args []string) error {
 	if err := c.parse(args); err != nil {
 		return daemon.ReportFailure(err)
 	}
-	src, err := live.Checkpoint(context.Background(), c.pid, c.options())
+	o, err := c.options()
+	if err != nil {
+		return daemon.ReportFailure(err)
+	}
+	src, err := live.Checkpoint(context.Background(), c.pid, o)
 	if err != nil {
 		return daemon.ReportFailure(err)
 	}

@@ -25,11 +25,20 @@ func imageFlag(name string, args []string) (string, error) {
 }
 
 func runRelease(args []string) error {
-	dir, err := imageFlag("release", args)
+	fs := flag.NewFlagSet("release", flag.ContinueOnError)
+	dir := fs.String("image", "", "image directory")
+	ca := fs.String("tls-ca", "", "CA of the page server's TLS certificate (PEM)")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if *dir == "" {
+		return errors.New("--image is required")
+	}
+	tlsCfg, err := live.TLSFiles{CA: *ca}.Client()
 	if err != nil {
 		return err
 	}
-	return live.Release(context.Background(), dir)
+	return live.Release(context.Background(), *dir, tlsCfg)
 }
 
 func runInspect(args []string) error {

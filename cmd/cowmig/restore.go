@@ -21,6 +21,7 @@ type restoreFlags struct {
 	// containerd mode: restore as a new container through containerd.
 	address, namespace, container, ref string
 	checkpoint                         string
+	tlsCA                              string
 }
 
 func (r *restoreFlags) parse(args []string) error {
@@ -34,6 +35,7 @@ func (r *restoreFlags) parse(args []string) error {
 	fs.StringVar(&r.namespace, "namespace", "default", "containerd namespace")
 	fs.StringVar(&r.container, "container", "", "ID of the new containerd container")
 	fs.StringVar(&r.ref, "ref", "", "containerd: the container image (default: the one recorded at checkpoint)")
+	fs.StringVar(&r.tlsCA, "tls-ca", "", "CA of the page server's TLS certificate (PEM)")
 	fs.StringVar(&r.checkpoint, "checkpoint", "", "containerd: restore this checkpoint image (from ctr task|container checkpoint) instead of --image")
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -132,7 +134,11 @@ func restoreDaemon(args []string) error {
 		return daemon.ReportFailure(err)
 	}
 	ctx := context.Background()
-	r, err := live.Restore(ctx, checkpoint.RestoreOptions{Dir: rf.dir, Stdin: os.Stdin, Stdout: os.Stdout, Stderr: os.Stderr})
+	tlsCfg, err := live.TLSFiles{CA: rf.tlsCA}.Client()
+	if err != nil {
+		return daemon.ReportFailure(err)
+	}
+	r, err := live.Restore(ctx, checkpoint.RestoreOptions{Dir: rf.dir, Stdin: os.Stdin, Stdout: os.Stdout, Stderr: os.Stderr}, tlsCfg)
 	if err != nil {
 		return daemon.ReportFailure(err)
 	}

@@ -69,8 +69,9 @@ func BuildCommands(dir string, pkgs ...string) error {
 // containerd-shim-cowmig-v2 in binDir on its PATH and imports the
 // repository's drop-in config/cowmig.toml; the shim's config
 // (COWMIG_CONFIG) puts page servers on the host's veth address and runc
-// state in a directory of its own. Both hosts get the kvserver image.
-func CowmigHosts(t testing.TB, binDir string) (a, b *Host) {
+// state in a directory of its own; extra, if given, adds lines to each
+// host's shim config. Both hosts get the kvserver image.
+func CowmigHosts(t testing.TB, binDir string, extra ...func(ip string) string) (a, b *Host) {
 	t.Helper()
 	SkipUnlessContainerd(t)
 	root, err := ModuleRoot()
@@ -87,6 +88,9 @@ func CowmigHosts(t testing.TB, binDir string) (a, b *Host) {
 		cfg := filepath.Join(cfgDir, "config.toml")
 		text := fmt.Sprintf("listen = \"tcp:%s:0\"\nttl = \"2m\"\nrunc_root = %q\nstate_dir = %q\n",
 			ns.IP, filepath.Join(cfgDir, "runc"), filepath.Join(cfgDir, "state"))
+		for _, f := range extra {
+			text += f(ns.IP)
+		}
 		if err := os.WriteFile(cfg, []byte(text), 0o600); err != nil {
 			t.Fatal(err)
 		}

@@ -7,6 +7,7 @@ package live
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -29,6 +30,8 @@ type CheckpointOptions struct {
 	// Advertise is the address written into the image for clients; it
 	// defaults to Listen (use it when listening on 0.0.0.0).
 	Advertise string
+	// TLS, if set, is the page server's TLS on TCP (see TLSFiles).
+	TLS *tls.Config
 }
 
 // Source is a checkpoint whose snapshot is being served.
@@ -70,10 +73,12 @@ func Checkpoint(ctx context.Context, pid int, o CheckpointOptions) (*Source, err
 		return nil, err
 	}
 	o.Endpoint, o.Token = o.Listen, token
-	if a, ok := l.Addr().(*net.TCPAddr); ok {
+	a, isTCP := l.Addr().(*net.TCPAddr)
+	if isTCP {
 		// tcp:HOST:0 picks a port: clients need the one picked.
 		o.Endpoint = "tcp:" + a.String()
 	}
+	o.EndpointTLS = isTCP && o.TLS != nil
 	if o.Advertise != "" {
 		o.Endpoint = o.Advertise
 	}
@@ -89,7 +94,7 @@ func Checkpoint(ctx context.Context, pid int, o CheckpointOptions) (*Source, err
 		close(s.released)
 		return s, nil
 	}
-	s.srv, err = transport.NewServer(&pageSource{s: s}, transport.ServerConfig{Token: token, SnapshotID: res.Image.SnapshotID})
+	s.srv, err = transport.NewServer(&pageSource{s: s}, transport.ServerConfig{Token: token, SnapshotID: res.Image.SnapshotID, TLS: o.TLS})
 	if err != nil {
 		l.Close()
 		s.snap.Release()
@@ -188,8 +193,9 @@ func (p *pageSource) ClientDone(clientID string, proc uint32) {
 
 func (p *pageSource) Release() { p.s.release() }
 
-// Release asks the page server of a live image to release its snapshot.
-func Release(ctx context.Context, dir string) error {
+// Release asks the page server of a live image to release its snapshot;
+// tlsCfg is needed when the server speaks TLS.
+func Release(ctx context.Context, dir string, tlsCfg *tls.Config) error {
 	img, err := image.Read(dir)
 	if err != nil {
 		return err
@@ -197,7 +203,10 @@ func Release(ctx context.Context, dir string) error {
 	if img.Mode != image.ModeLive {
 		return fmt.Errorf("image %s is a %s image: nothing to release", dir, img.Mode)
 	}
-	c, err := transport.Dial(ctx, img.Endpoint, img.Token, clientID("release"), nil)
+	if tlsCfg, err = clientTLS(img.EndpointTLS, img.Endpoint, tlsCfg); err != nil {
+		return err
+	}
+	c, err := transport.Dial(ctx, img.Endpoint, img.Token, clientID("release"), tlsCfg)
 	if err != nil {
 		return fmt.Errorf("connect to page server %s: %w", img.Endpoint, err)
 	}
@@ -232,8 +241,9 @@ func (r *Restoring) stopReadahead() {
 }
 
 // Restore starts the clone of the image in ro.Dir; for a live image it
-// connects to the source's page server first. Call Serve next.
-func Restore(ctx context.Context, ro checkpoint.RestoreOptions) (*Restoring, error) {
+// connects to the source's page server first (tlsCfg is needed when the
+// server speaks TLS). Call Serve next.
+func Restore(ctx context.Context, ro checkpoint.RestoreOptions, tlsCfg *tls.Config) (*Restoring, error) {
 	img, err := image.Read(ro.Dir)
 	if err != nil {
 		return nil, fmt.Errorf("read image %s: %w", ro.Dir, err)
@@ -241,7 +251,10 @@ func Restore(ctx context.Context, ro checkpoint.RestoreOptions) (*Restoring, err
 	r := &Restoring{}
 	// A live snapshot with no lazy page has no page server to talk to.
 	if img.Mode == image.ModeLive && img.Stats.PagesLazy > 0 {
-		r.c, err = transport.Dial(ctx, img.Endpoint, img.Token, clientID("restore"), nil)
+		if tlsCfg, err = clientTLS(img.EndpointTLS, img.Endpoint, tlsCfg); err != nil {
+			return nil, err
+		}
+		r.c, err = transport.Dial(ctx, img.Endpoint, img.Token, clientID("restore"), tlsCfg)
 		if err != nil {
 			return nil, fmt.Errorf("connect to page server %s: %w", img.Endpoint, err)
 		}
