@@ -69,8 +69,8 @@ type Image struct {
 	// Endpoint and Token reach the source's page server (live mode only).
 	Endpoint string `json:"endpoint,omitempty"`
 	// EndpointTLS says the page server speaks TLS (on TCP).
-	EndpointTLS bool `json:"endpoint_tls,omitempty"`
-	Token    []byte `json:"token,omitempty"`
+	EndpointTLS bool   `json:"endpoint_tls,omitempty"`
+	Token       []byte `json:"token,omitempty"`
 	// Arch and VDSO describe the source host for compatibility checks.
 	Arch      string    `json:"arch"`
 	VDSO      []Vma     `json:"vdso,omitempty"` // [vvar], [vvar_vclock], [vdso] as mapped on the source
