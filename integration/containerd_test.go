@@ -513,6 +513,26 @@ func TestCLIContainerd(t *testing.T) {
 	if got := parseKV(t, query(t, b, b.IP()+":"+kvPort, "VERIFY"), "verify ok"); got != src {
 		t.Errorf("clone holds %+v, the source had %+v", got, src)
 	}
+	// A corrupt image is refused at create, before runc runs anything.
+	bad := filepath.Join(b.Dir(), "bad")
+	if out, err := exec.Command("cp", "-r", img, bad).CombinedOutput(); err != nil {
+		t.Fatalf("cp: %v %s", err, out)
+	}
+	meta := filepath.Join(bad, "cowmig.img")
+	mb, err := os.ReadFile(meta)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mb[len(mb)/2] ^= 0xff
+	if err := os.WriteFile(meta, mb, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := cowmigCmdErr(b, "restore", "--address", b.Address(), "--namespace", b.Namespace(), "--image", bad, "clone2"); err == nil || !strings.Contains(out, "checkpoint image") {
+		t.Errorf("restore of a corrupt image: %v %q, want a refusal naming the checkpoint image", err, out)
+	}
+	if out, _ := b.Ctr("task", "ls"); strings.Contains(out, "clone2") {
+		t.Errorf("a task exists after the refused restore:\n%s", out)
+	}
 	// Wrong container, wrong runtime: clear errors.
 	if out, err := cowmigCmdErr(a, "checkpoint", "--address", a.Address(), "--namespace", a.Namespace(), "--image", img+"2", "nosuch"); err == nil || !strings.Contains(out, "nosuch") {
 		t.Errorf("checkpoint of a missing container: %v %q", err, out)

@@ -22,6 +22,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/cowmig/cowmig/checkpoint"
+	"github.com/cowmig/cowmig/checkpoint/image"
 	"github.com/cowmig/cowmig/internal/daemon"
 	"github.com/cowmig/cowmig/internal/live"
 	"github.com/cowmig/cowmig/shim/shimapi"
@@ -66,6 +67,10 @@ func (s *service) prepareRestore(ctx context.Context, r *taskAPI.CreateTaskReque
 	rs := &restore{dir: filepath.Join(r.Bundle, "cowmig-image"), bundle: r.Bundle, ns: namespace(ctx), src: r.Checkpoint}
 	if err := copyDir(r.Checkpoint, rs.dir); err != nil {
 		return nil, fmt.Errorf("copy checkpoint image: %w", err)
+	}
+	// A corrupt or truncated image fails here, before runc runs.
+	if _, err := image.Read(rs.dir); err != nil {
+		return nil, fmt.Errorf("checkpoint image: %w", err)
 	}
 	stub, err := checkpoint.WriteStub(r.Bundle)
 	if err != nil {
