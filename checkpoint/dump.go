@@ -93,6 +93,7 @@ func Dump(ctx context.Context, pid int, o Options) (*Result, error) {
 		return nil, err
 	}
 	if o.Mode != image.ModeStop {
+		d.pipeSize = pipeSize(o.PipeSize)
 		d.preparePipes()
 		defer d.closePool()
 	}
@@ -162,6 +163,9 @@ type dumper struct {
 	pagesOff uint64
 	phases   []Phase
 	lastMark time.Time
+	// pipeSize is the bytes of one pin pipe, from the system's limit read
+	// before the freeze.
+	pipeSize int
 	// copyBuf is copyNow's buffer.
 	copyBuf []byte
 	// preMaps are the mappings with VmFlags read before the freeze.

@@ -108,7 +108,7 @@ func (d *dumper) memory(p *image.Process) (*Snapshot, error) {
 			if wpDone != nil {
 				<-wpDone
 			}
-			s.closeAll()
+			s.Release() // stops the fault loop too
 		}
 	}()
 
@@ -177,7 +177,7 @@ func (d *dumper) memory(p *image.Process) (*Snapshot, error) {
 		return nil, nil
 	}
 	if len(pins) == 0 {
-		s.closeAll()
+		s.Release()
 		ok = true
 		return nil, nil
 	}

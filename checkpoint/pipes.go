@@ -31,7 +31,7 @@ func newPipe(psz int) (pipePair, error) {
 // resident anonymous memory seen before the freeze (plus a margin). A
 // shortfall is made up during the freeze.
 func (d *dumper) preparePipes() {
-	psz := uint64(pipeSize(d.o.PipeSize))
+	psz := uint64(d.pipeSize)
 	var rss uint64
 	for _, m := range d.preMaps {
 		if m.IsAnon() && m.Read && !m.Shared {

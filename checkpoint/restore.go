@@ -131,10 +131,9 @@ func Restore(ctx context.Context, o RestoreOptions) (*Restored, error) {
 		if err := r.adoptStub(o.Stub); err != nil {
 			return nil, err
 		}
-		go func() {
-			waitExit(r.stubPid, r.exited)
-			unix.Close(r.stubFd)
-		}()
+		// stubFd stays open for Kill until this process exits: closed
+		// earlier, its number could name another file by then.
+		go waitPidfd(r.stubFd, r.exited)
 	} else {
 		workDir := o.WorkDir
 		if workDir == "" {
@@ -343,14 +342,8 @@ func (r *Restored) Serve(ctx context.Context) error {
 		r.Kill()
 	}
 	if gone {
-		r.loop.Stop()
-		r.wg.Wait()
-		r.loop.Close()
-		r.pager.closeChildren()
-		r.u.Close()
-		return ErrCloneExited
-	}
-	if err == nil {
+		err = ErrCloneExited
+	} else if err == nil {
 		// Children forked during the lazy phase are served by the same
 		// loop, so fill them before stopping it.
 		err = r.pager.fillChildren(ctx)
@@ -368,7 +361,10 @@ func (r *Restored) Serve(ctx context.Context) error {
 	// as zero, which is what closing the uffd gives.
 	r.pager.closeChildren()
 	r.u.Close()
-	if err != nil {
+	switch {
+	case gone:
+		return ErrCloneExited
+	case err != nil:
 		r.Kill()
 		return err
 	}
@@ -451,12 +447,18 @@ func (r *Restored) reap() {
 // waitExit closes done when process pid has exited (a pidfd becomes
 // readable; this consumes nothing, unlike wait(2)).
 func waitExit(pid int, done chan struct{}) {
-	defer close(done)
 	pfd, err := unix.PidfdOpen(pid, 0)
 	if err != nil {
+		close(done)
 		return
 	}
 	defer unix.Close(pfd)
+	waitPidfd(pfd, done)
+}
+
+// waitPidfd closes done when the process of pidfd pfd has exited.
+func waitPidfd(pfd int, done chan struct{}) {
+	defer close(done)
 	fds := []unix.PollFd{{Fd: int32(pfd), Events: unix.POLLIN}}
 	for {
 		if _, err := unix.Poll(fds, -1); err != unix.EINTR {

@@ -28,12 +28,14 @@ var ErrNotInSnapshot = errors.New("page not in snapshot")
 // of the COW window, and their drained copies.
 type Snapshot struct {
 	proc uint32
-	uMu  sync.Mutex // guards u
-	u    *uffd.FD   // owned; closed when the COW window closes
+	u    *uffd.FD // owned; set once, closed (idempotently) when the COW window closes
 	loop *uffd.Loop
 	// loopDone is closed when the loop's goroutine has returned.
 	loopDone   chan struct{}
 	windowOnce sync.Once
+	// planned is set once segs, pipes and store are complete (before the
+	// first pin); the fault loop, started earlier, reads them only after.
+	planned atomic.Bool
 	// segs are the pinned runs in address order, each inside one pipe.
 	segs  []pinSeg
 	pipes []*pinPipe
@@ -54,8 +56,10 @@ type Snapshot struct {
 	released bool
 	// err is the first drain error; the snapshot cannot serve after it.
 	err error
+
 	// moves maps addresses the target mremapped pages to back to their
-	// snapshot addresses.
+	// snapshot addresses. Owned by the fault loop's goroutine: only Fault
+	// and Event, which it runs, touch it.
 	moves moveMap
 }
 
@@ -113,13 +117,12 @@ func (d *dumper) newSnapshot(proc uint32) (_ *Snapshot, err error) {
 // pin pins runs in pipes, by vmsplice run inside the target, once the
 // mappings are write-protected. It runs while the target is frozen.
 //
-// The pins run after the protection, not beside it: the target runs while
-// it splices, and every TLB flush of the protection then interrupts its
-// CPU; measured at 1 GiB, the two together took as long as one after the
-// other. The plan (segs, pipes, store) is complete before the first
-// injection that can fault, and the fault loop reads it only on a fault.
+// The pins run after the protection, not beside it: measured at 1 GiB,
+// the two side by side took as long as one after the other (both walk the
+// same page tables, and the target runs while it splices). The plan (segs, pipes, store) is published with planned before
+// the first pin; the fault loop reads it only after.
 func (d *dumper) pin(s *Snapshot, p *image.Process, runs []pinRun) error {
-	psz := uint64(pipeSize(d.o.PipeSize))
+	psz := uint64(d.pipeSize)
 	// Split the runs into pipes of at most psz bytes and 1024 iovecs.
 	var cur *pinPipe
 	for _, r := range runs {
@@ -175,6 +178,7 @@ func (d *dumper) pin(s *Snapshot, p *image.Process, runs []pinRun) error {
 		// memory was most of a drain's cost. Only a hint.
 		unix.Madvise(s.store, unix.MADV_HUGEPAGE)
 	}
+	s.planned.Store(true)
 	if err := d.vmspliceAll(s, int(psz)); err != nil {
 		return err
 	}
@@ -311,10 +315,11 @@ func (d *dumper) closeInTarget(fds []int) error {
 // is applied until Release.
 func (s *Snapshot) startLoop() error {
 	loop, err := uffd.NewLoop(s)
-	if err == nil {
-		err = loop.Add(s.u)
-	}
 	if err != nil {
+		return fmt.Errorf("start fault loop: %w", err)
+	}
+	if err := loop.Add(s.u); err != nil {
+		loop.Close()
 		return fmt.Errorf("start fault loop: %w", err)
 	}
 	s.loop = loop
@@ -371,12 +376,7 @@ func (s *Snapshot) closeWindow() {
 		// Nothing is protected any more. Close the uffd now: while it
 		// is open the target's mremap waits for someone to read its
 		// REMAP event.
-		s.uMu.Lock()
-		if s.u != nil {
-			s.u.Close()
-			s.u = nil
-		}
-		s.uMu.Unlock()
+		s.u.Close()
 		close(s.windowEnd)
 	})
 }
@@ -427,16 +427,11 @@ func (s *Snapshot) drain(i int) error {
 // writers blocked on them. Ranges the target unmapped or moved meanwhile
 // are no longer registered: fall back to page by page and ignore those.
 func (s *Snapshot) unprotect(pp *pinPipe) {
-	s.uMu.Lock()
-	defer s.uMu.Unlock()
-	if s.u == nil {
-		return
-	}
 	for _, si := range pp.segs {
 		sg := s.segs[si]
 		if err := s.u.WriteProtect(sg.addr, sg.end-sg.addr, false, false); err == nil {
 			continue
-		} else if errors.Is(err, uffd.ErrGone) {
+		} else if errors.Is(err, uffd.ErrGone) || errors.Is(err, uffd.ErrClosed) {
 			return
 		}
 		for a := sg.addr; a < sg.end; a += image.PageSize {
@@ -449,9 +444,12 @@ func (s *Snapshot) unprotect(pp *pinPipe) {
 // unprotects it). Implements uffd.Handler.
 func (s *Snapshot) Fault(u *uffd.FD, m uffd.Msg) error {
 	addr := m.Address &^ (image.PageSize - 1)
-	s.mu.Lock()
 	orig := s.moves.origin(addr)
-	s.mu.Unlock()
+	if !s.planned.Load() {
+		// Before any pin: only the kernel's rseq update (see below).
+		u.WriteProtect(addr, image.PageSize, false, false)
+		return nil
+	}
 	if i := s.findSeg(orig); i >= 0 {
 		if !s.pipes[s.segs[i].pipe].filled.Load() {
 			// Still frozen (every pipe is filled before the thaw): only
@@ -475,9 +473,7 @@ func (s *Snapshot) Fault(u *uffd.FD, m uffd.Msg) error {
 // write must be caught and traced back to the page's snapshot address.
 func (s *Snapshot) Event(u *uffd.FD, m uffd.Msg) error {
 	if m.Kind == uffd.MsgRemap {
-		s.mu.Lock()
 		s.moves.move(m.From, m.To, m.Len)
-		s.mu.Unlock()
 	}
 	return nil
 }
@@ -568,12 +564,9 @@ func (s *Snapshot) Release() {
 
 // closeAll frees every resource; the goroutines must be stopped.
 func (s *Snapshot) closeAll() {
-	s.uMu.Lock()
-	if s.u != nil {
+	if s.u != nil { // nil only when newSnapshot failed early
 		s.u.Close() // also unregisters: blocked writers proceed
-		s.u = nil
 	}
-	s.uMu.Unlock()
 	for _, pp := range s.pipes {
 		pp.mu.Lock()
 		if pp.r != nil {
