@@ -70,9 +70,23 @@ func (s *service) checkpoint(ctx context.Context, r *taskAPI.CheckpointTaskReque
 		s.resumed[r.ID] = true
 		s.mu.Unlock()
 	}
-	stats, err := s.runCheckpointDaemon(ctx, r.ID, int(st.Pid), r.Path, req)
+	stats, server, err := s.runCheckpointDaemon(ctx, r.ID, int(st.Pid), r.Path, req)
 	if err != nil {
 		return err
+	}
+	// Everything that can fail comes before the task may go; a failure
+	// ends the page server, whose snapshot nobody could find.
+	stats.ContainerID, stats.ImageRef = r.ID, req.ImageRef
+	if err := copyFile(filepath.Join(st.Bundle, "config.json"), filepath.Join(r.Path, shimapi.SpecFile)); err != nil {
+		server.Kill()
+		return fmt.Errorf("save the container's spec: %w", err)
+	}
+	stats.CheckpointMs = live.Ms(time.Since(start))
+	b, _ := json.Marshal(stats)
+	// r.Path is ImagePath when cowmig's CLI asks: it reads them there.
+	if err := os.WriteFile(filepath.Join(r.Path, shimapi.StatsFile), b, 0o600); err != nil {
+		server.Kill()
+		return fmt.Errorf("write checkpoint stats: %w", err)
 	}
 	if opts.Exit {
 		// Migration: the snapshot is safe (pinned in the page server),
@@ -81,22 +95,8 @@ func (s *service) checkpoint(ctx context.Context, r *taskAPI.CheckpointTaskReque
 			return fmt.Errorf("stop task after checkpoint (exit): %w", err)
 		}
 	}
-	stats.CheckpointMs = live.Ms(time.Since(start))
-	stats.ContainerID, stats.ImageRef = r.ID, req.ImageRef
-	if err := copyFile(filepath.Join(st.Bundle, "config.json"), filepath.Join(r.Path, shimapi.SpecFile)); err != nil {
-		return fmt.Errorf("save the container's spec: %w", err)
-	}
 	log.G(ctx).WithField("id", r.ID).Infof("cowmig checkpoint: %s, froze %.2f ms, %d pages (%d lazy) served at %s",
 		stats.Mode, stats.FreezeMs, stats.PagesTotal, stats.PagesLazy, stats.Endpoint)
-	b, _ := json.Marshal(stats)
-	for _, dir := range []string{r.Path, opts.WorkPath} {
-		if dir == "" {
-			continue
-		}
-		if err := os.WriteFile(filepath.Join(dir, shimapi.StatsFile), b, 0o600); err != nil {
-			return fmt.Errorf("write checkpoint stats: %w", err)
-		}
-	}
 	return nil
 }
 
@@ -126,20 +126,20 @@ func readRequest(workPath string) (shimapi.CheckpointRequest, error) {
 // that then serves the snapshot: its uffd and pins must live in the
 // process that serves them, and the page server must outlive the task
 // and this shim (which exits once the task is deleted).
-func (s *service) runCheckpointDaemon(ctx context.Context, id string, pid int, dir string, req shimapi.CheckpointRequest) (live.CheckpointStats, error) {
+func (s *service) runCheckpointDaemon(ctx context.Context, id string, pid int, dir string, req shimapi.CheckpointRequest) (live.CheckpointStats, *os.Process, error) {
 	var stats live.CheckpointStats
 	cfg := s.cfg
 	if req.Listen != "" {
 		cfg.Listen, cfg.Advertise = req.Listen, req.Advertise
 	}
-	if req.TTL.Duration != 0 {
-		cfg.TTL = req.TTL
+	if req.TTL != nil {
+		cfg.TTL = *req.TTL
 	}
-	if req.MaxAge.Duration != 0 {
-		cfg.MaxAge = req.MaxAge
+	if req.MaxAge != nil {
+		cfg.MaxAge = *req.MaxAge
 	}
 	if err := cfg.Validate(); err != nil {
-		return stats, err
+		return stats, nil, err
 	}
 	mode := req.Mode
 	if mode == "" {
@@ -147,7 +147,7 @@ func (s *service) runCheckpointDaemon(ctx context.Context, id string, pid int, d
 	}
 	stateDir := filepath.Join(cfg.StateDir, namespace(ctx))
 	if err := os.MkdirAll(stateDir, 0o700); err != nil {
-		return stats, fmt.Errorf("create state dir: %w", err)
+		return stats, nil, fmt.Errorf("create state dir: %w", err)
 	}
 	name := fmt.Sprintf("%s-%d", id, time.Now().UnixNano())
 	listen := cfg.Listen
@@ -157,7 +157,7 @@ func (s *service) runCheckpointDaemon(ctx context.Context, id string, pid int, d
 	logPath := filepath.Join(stateDir, name+".log")
 	logf, err := os.OpenFile(logPath, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
 	if err != nil {
-		return stats, fmt.Errorf("open page-server log: %w", err)
+		return stats, nil, fmt.Errorf("open page-server log: %w", err)
 	}
 	defer logf.Close()
 	args := []string{daemonCheckpoint, "--pid", fmt.Sprint(pid), "--image", dir, "--mode", mode,
@@ -174,8 +174,8 @@ func (s *service) runCheckpointDaemon(ctx context.Context, id string, pid int, d
 		go reaper.Default.Wait(c, ec)
 	}
 	if err != nil {
-		return stats, fmt.Errorf("%w (page-server log %s)", err, logPath)
+		return stats, nil, fmt.Errorf("%w (page-server log %s)", err, logPath)
 	}
 	stats.Log = logPath
-	return stats, nil
+	return stats, c.Process, nil
 }

@@ -2,14 +2,12 @@ package shim
 
 import (
 	"context"
-	"errors"
 	"flag"
 	"fmt"
 	"os"
 	"time"
 
 	runcC "github.com/containerd/go-runc"
-	"golang.org/x/sys/unix"
 
 	"github.com/cowmig/cowmig/checkpoint"
 	"github.com/cowmig/cowmig/checkpoint/image"
@@ -63,26 +61,12 @@ func pageServer(args []string) error {
 	if err != nil {
 		return daemon.ReportFailure(err)
 	}
-	ctx := context.Background()
-	src, err := live.Checkpoint(ctx, *pid, live.CheckpointOptions{
+	return live.RunPageServer(context.Background(), *pid, *dir, live.CheckpointOptions{
 		Options:   checkpoint.Options{Mode: image.Mode(*mode), Dir: *dir},
 		Listen:    *listen,
 		Advertise: *advertise,
 		TLS:       tlsCfg,
-	})
-	if err != nil {
-		return daemon.ReportFailure(err)
-	}
-	img := src.Result.Image
-	st := src.Stats(*dir, *pid)
-	st.ServerPid = os.Getpid()
-	daemon.Report(st)
-	log := daemon.Log()
-	fmt.Fprintf(log, "%s page server: pid %d snapshot %s (%d lazy pages) at %s\n",
-		time.Now().Format(time.RFC3339Nano), *pid, img.SnapshotID, img.Stats.PagesLazy, img.Endpoint)
-	err = errors.Join(src.Wait(ctx, *ttl, *maxAge), src.Close())
-	fmt.Fprintf(log, "%s page server: snapshot %s released (%v)\n", time.Now().Format(time.RFC3339Nano), img.SnapshotID, err)
-	return err
+	}, *ttl, *maxAge)
 }
 
 // pager morphs the container's stub into the image's process, reports,
@@ -105,35 +89,25 @@ func pager(args []string) error {
 	if err != nil {
 		return daemon.ReportFailure(err)
 	}
-	ctx := context.Background()
-	r, err := live.Restore(ctx, checkpoint.RestoreOptions{
+	return live.RunPager(context.Background(), checkpoint.RestoreOptions{
 		Dir: *dir, Stub: *stub, Stdin: stdio[0], Stdout: stdio[1], Stderr: stdio[2],
 		// runc installed the container's seccomp filter in the stub.
 		AllowSeccomp: true,
-	}, tlsCfg)
-	for _, f := range stdio {
-		f.Close()
-	}
-	if err != nil {
-		return daemon.ReportFailure(err)
-	}
-	st := r.Stats()
-	st.PagerPid = os.Getpid()
-	daemon.Report(st)
-	return r.ServeLogged(ctx, daemon.Log())
+	}, tlsCfg, func() {
+		// The clone has its own copies: the task's IO must not stay
+		// open in the pager.
+		for _, f := range stdio {
+			f.Close()
+		}
+	})
 }
 
 // stubStdio takes the stub's fds 0-2, the task's IO that runc gave it,
 // for the clone.
 func stubStdio(pid int) ([3]*os.File, error) {
 	var out [3]*os.File
-	pfd, err := unix.PidfdOpen(pid, 0)
-	if err != nil {
-		return out, fmt.Errorf("open stub pid %d: %w", pid, err)
-	}
-	defer unix.Close(pfd)
 	for i := range out {
-		fd, err := unix.PidfdGetfd(pfd, i, 0)
+		fd, err := takeFd(pid, i)
 		if err != nil {
 			for _, f := range out[:i] {
 				f.Close()

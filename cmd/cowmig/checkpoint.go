@@ -70,7 +70,7 @@ func (c *checkpointFlags) parse(args []string) error {
 		return fmt.Errorf("unexpected arguments %q", fs.Args())
 	}
 	if c.container != "" && c.address == "" {
-		c.address = "/run/containerd/containerd.sock"
+		c.address = ctrapi.DefaultAddress
 	}
 	switch {
 	case c.dir == "":
@@ -99,9 +99,10 @@ func (c *checkpointFlags) parse(args []string) error {
 func (c *checkpointFlags) options() (live.CheckpointOptions, error) {
 	tlsCfg, err := live.TLSFiles{Cert: c.tlsCert, Key: c.tlsKey}.Server()
 	return live.CheckpointOptions{
-		Options: checkpoint.Options{Mode: image.Mode(c.mode), Dir: c.dir, PipeSize: c.pipeSize, LeaveChildren: c.leaveKids},
-		Listen:  c.listen,
-		TLS:     tlsCfg,
+		Options:   checkpoint.Options{Mode: image.Mode(c.mode), Dir: c.dir, PipeSize: c.pipeSize, LeaveChildren: c.leaveKids},
+		Listen:    c.listen,
+		Advertise: c.advertise,
+		TLS:       tlsCfg,
 	}, err
 }
 
@@ -117,10 +118,10 @@ func runCheckpoint(args []string) error {
 	if c.address != "" {
 		req := shimapi.CheckpointRequest{Mode: c.mode, Listen: c.listen, Advertise: c.advertise}
 		if c.set["ttl"] {
-			req.TTL.Duration = c.ttl
+			req.TTL = &shimapi.Duration{Duration: c.ttl}
 		}
 		if c.set["max-age"] {
-			req.MaxAge.Duration = c.maxAge
+			req.MaxAge = &shimapi.Duration{Duration: c.maxAge}
 		}
 		var err error
 		st, err = ctrapi.Checkpoint(context.Background(), ctrapi.Target{Address: c.address, Namespace: c.namespace}, c.container, c.dir, req, c.exit)
@@ -164,15 +165,7 @@ func checkpointDaemon(args []string) error {
 	if err != nil {
 		return daemon.ReportFailure(err)
 	}
-	src, err := live.Checkpoint(context.Background(), c.pid, o)
-	if err != nil {
-		return daemon.ReportFailure(err)
-	}
-	st := src.Stats(c.dir, c.pid)
-	st.ServerPid = os.Getpid()
-	daemon.Report(st)
-	err = src.Wait(context.Background(), c.ttl, c.maxAge)
-	return errors.Join(err, src.Close())
+	return live.RunPageServer(context.Background(), c.pid, c.dir, o, c.ttl, c.maxAge)
 }
 
 func printStats(asJSON bool, v any, text func() string) error {

@@ -23,7 +23,9 @@ func runDaemon(cmd string, args []string, logPath string, stdio []*os.File, out 
 	c, err := daemon.Spawn(exe, append([]string{cmd}, args...), log, stdio, nil, out)
 	if err != nil {
 		if c != nil {
-			c.Wait()
+			if werr := c.Wait(); werr != nil {
+				err = fmt.Errorf("%w (daemon: %v)", err, werr)
+			}
 		}
 		return err
 	}

@@ -46,10 +46,10 @@ func (r *restoreFlags) parse(args []string) error {
 		return fmt.Errorf("unexpected arguments %q", fs.Args())
 	}
 	if r.container != "" && r.address == "" {
-		r.address = "/run/containerd/containerd.sock"
+		r.address = ctrapi.DefaultAddress
 	}
 	if r.checkpoint != "" && r.address == "" {
-		r.address = "/run/containerd/containerd.sock"
+		r.address = ctrapi.DefaultAddress
 	}
 	if r.dir == "" && r.checkpoint == "" {
 		return errors.New("--image is required")
@@ -138,12 +138,5 @@ func restoreDaemon(args []string) error {
 	if err != nil {
 		return daemon.ReportFailure(err)
 	}
-	r, err := live.Restore(ctx, checkpoint.RestoreOptions{Dir: rf.dir, Stdin: os.Stdin, Stdout: os.Stdout, Stderr: os.Stderr}, tlsCfg)
-	if err != nil {
-		return daemon.ReportFailure(err)
-	}
-	st := r.Stats()
-	st.PagerPid = os.Getpid()
-	daemon.Report(st)
-	return r.ServeLogged(ctx, daemon.Log())
+	return live.RunPager(ctx, checkpoint.RestoreOptions{Dir: rf.dir, Stdin: os.Stdin, Stdout: os.Stdout, Stderr: os.Stderr}, tlsCfg, nil)
 }

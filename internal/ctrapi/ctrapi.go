@@ -20,6 +20,7 @@ import (
 	containerd "github.com/containerd/containerd/v2/client"
 	"github.com/containerd/containerd/v2/core/content"
 	"github.com/containerd/containerd/v2/core/images"
+	"github.com/containerd/containerd/v2/defaults"
 	"github.com/containerd/containerd/v2/pkg/cio"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/containerd/typeurl/v2"
@@ -31,6 +32,9 @@ import (
 	"github.com/cowmig/cowmig/internal/live"
 	"github.com/cowmig/cowmig/shim/shimapi"
 )
+
+// DefaultAddress is containerd's socket when none is given.
+const DefaultAddress = defaults.DefaultAddress
 
 // Target names a containerd instance and namespace.
 type Target struct {
@@ -92,13 +96,12 @@ func Checkpoint(ctx context.Context, t Target, id, dir string, req shimapi.Check
 	if _, err := c.TaskService().Checkpoint(ctx, &tasks.CheckpointTaskRequest{ContainerID: id, Options: opts}); err != nil {
 		return st, fmt.Errorf("checkpoint %s: %w", id, err)
 	}
-	if b, err = os.ReadFile(filepath.Join(work, shimapi.StatsFile)); err != nil {
+	if b, err = os.ReadFile(filepath.Join(dir, shimapi.StatsFile)); err != nil {
 		return st, fmt.Errorf("read the shim's checkpoint statistics: %w", err)
 	}
 	if err := json.Unmarshal(b, &st); err != nil {
 		return st, fmt.Errorf("decode the shim's checkpoint statistics: %w", err)
 	}
-	st.Image = dir
 	return st, nil
 }
 
@@ -138,7 +141,9 @@ func Restore(ctx context.Context, t Target, id, dir string, o RestoreOptions) (R
 	}
 	var cst live.CheckpointStats
 	if b, err := os.ReadFile(filepath.Join(dir, shimapi.StatsFile)); err == nil {
-		json.Unmarshal(b, &cst)
+		if err := json.Unmarshal(b, &cst); err != nil {
+			return res, fmt.Errorf("decode the checkpoint's %s: %w", shimapi.StatsFile, err)
+		}
 	}
 	ref := o.Ref
 	if ref == "" {

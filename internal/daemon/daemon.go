@@ -14,6 +14,7 @@ import (
 	"os"
 	"os/exec"
 	"strings"
+	"sync"
 	"syscall"
 
 	"golang.org/x/sys/unix"
@@ -28,7 +29,9 @@ const (
 // decodes the one result it reports into out. The daemon's stdout, stderr
 // and fd 4 go to log, unless stdio (three files) gives its fds 0-2. start
 // starts the command: exec.Cmd.Start, or a reaper's start in a process
-// that reaps all its children. A reported failure is returned as an error.
+// that reaps all its children. A reported failure is returned as an error;
+// on any error the daemon is gone or killed, and the caller must still
+// wait for it (the returned command, if not nil).
 func Spawn(exe string, args []string, log *os.File, stdio []*os.File, start func(*exec.Cmd) error, out any) (*exec.Cmd, error) {
 	r, w, err := os.Pipe()
 	if err != nil {
@@ -52,6 +55,7 @@ func Spawn(exe string, args []string, log *os.File, stdio []*os.File, start func
 	w.Close()
 	b, err := io.ReadAll(r)
 	if err != nil {
+		c.Process.Kill()
 		return c, fmt.Errorf("read daemon result: %w", err)
 	}
 	if len(b) == 0 {
@@ -64,6 +68,8 @@ func Spawn(exe string, args []string, log *os.File, stdio []*os.File, start func
 		return c, errors.New(fail.Error)
 	}
 	if err := json.Unmarshal(b, out); err != nil {
+		// It reported success and works on: it must not outlive this.
+		c.Process.Kill()
 		return c, fmt.Errorf("decode daemon result: %w", err)
 	}
 	return c, nil
@@ -78,8 +84,9 @@ func Init() {
 	unix.CloseOnExec(logFd)
 }
 
-// Log is the daemon's log file, for messages after Report.
-func Log() *os.File { return os.NewFile(logFd, "log") }
+// Log is the daemon's log file, for messages after Report. One File for
+// the process: each File closes its fd when collected.
+var Log = sync.OnceValue(func() *os.File { return os.NewFile(logFd, "log") })
 
 // Report sends the daemon's result to its starter and closes the pipe.
 func Report(v any) {

@@ -13,6 +13,8 @@ import (
 	"io"
 	"net"
 	"os"
+	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -28,7 +30,8 @@ type CheckpointOptions struct {
 	// required for live mode.
 	Listen string
 	// Advertise is the address written into the image for clients; it
-	// defaults to Listen (use it when listening on 0.0.0.0).
+	// defaults to Listen (use it when listening on 0.0.0.0). On TCP it may
+	// leave out the port ("tcp:HOST"): the listener's is appended.
 	Advertise string
 	// TLS, if set, is the page server's TLS on TCP (see TLSFiles).
 	TLS *tls.Config
@@ -81,6 +84,14 @@ func Checkpoint(ctx context.Context, pid int, o CheckpointOptions) (*Source, err
 	o.EndpointTLS = isTCP && o.TLS != nil
 	if o.Advertise != "" {
 		o.Endpoint = o.Advertise
+		if host, ok := strings.CutPrefix(o.Advertise, "tcp:"); ok && isTCP && !strings.Contains(host, ":") {
+			// tcp:HOST: the port is the one picked.
+			o.Endpoint = "tcp:" + net.JoinHostPort(host, strconv.Itoa(a.Port))
+		}
+		if _, _, err := transport.ParseAddr(o.Endpoint); err != nil {
+			l.Close()
+			return nil, fmt.Errorf("page server: advertise %q: %w", o.Advertise, err)
+		}
 	}
 	res, err := checkpoint.Dump(ctx, pid, o.Options)
 	if err != nil {

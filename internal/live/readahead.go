@@ -31,9 +31,9 @@ type readahead struct {
 	head uint64
 	// started is set once start ran: before, fetches go to GetPages.
 	started bool
-	// done is set when the stream ended; err says why if it failed.
+	// done is set when the stream ended. Why does not matter: fetches
+	// then go to GetPages, which reports a server that is gone.
 	done bool
-	err  error
 }
 
 type chunk struct {
@@ -59,9 +59,9 @@ func newReadahead(ctx context.Context, c *transport.Client, proc uint32, ranges 
 		ra.started = true
 		ra.mu.Unlock()
 		go func() {
-			err := c.Stream(ctx, proc, ranges, transport.MaxChunkSize, ra.add)
+			c.Stream(ctx, proc, ranges, transport.MaxChunkSize, ra.add)
 			ra.mu.Lock()
-			ra.done, ra.err = true, err
+			ra.done = true
 			ra.cond.Broadcast()
 			ra.mu.Unlock()
 		}()
@@ -127,7 +127,7 @@ func (ra *readahead) take(addr uint64, buf []byte) bool {
 		i := 0
 		for i < len(ra.chunks) && ra.chunks[i].addr+uint64(len(ra.chunks[i].data)) <= addr {
 			ra.buffered -= len(ra.chunks[i].data)
-			if len(ra.free) < raLimit>>20 {
+			if len(ra.free) < raLimit/transport.MaxChunkSize {
 				ra.free = append(ra.free, ra.chunks[i].data)
 			}
 			i++

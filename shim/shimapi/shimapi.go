@@ -20,8 +20,8 @@ const (
 	// asks for what runc's checkpoint options cannot say (containerd
 	// passes only those to a shim).
 	RequestFile = "cowmig-request.json"
-	// StatsFile, in the checkpoint directory and WorkPath, is the
-	// checkpoint's live.CheckpointStats.
+	// StatsFile, in the checkpoint directory, is the checkpoint's
+	// live.CheckpointStats.
 	StatsFile = "cowmig-stats.json"
 	// SpecFile is the container's OCI spec at checkpoint time.
 	SpecFile = "cowmig-spec.json"
@@ -32,11 +32,13 @@ const (
 
 // CheckpointRequest overrides the shim's config for one checkpoint.
 type CheckpointRequest struct {
-	Mode      string   `json:"mode,omitempty"`
-	Listen    string   `json:"listen,omitempty"`
-	Advertise string   `json:"advertise,omitempty"`
-	TTL       Duration `json:"ttl,omitempty"`
-	MaxAge    Duration `json:"max_age,omitempty"`
+	Mode      string `json:"mode,omitempty"`
+	Listen    string `json:"listen,omitempty"`
+	Advertise string `json:"advertise,omitempty"`
+	// TTL and MaxAge override the config when set (0 is a value: for
+	// MaxAge, no limit).
+	TTL    *Duration `json:"ttl,omitempty"`
+	MaxAge *Duration `json:"max_age,omitempty"`
 	// ImageRef is the container's image, recorded for a restore.
 	ImageRef string `json:"image_ref,omitempty"`
 }
