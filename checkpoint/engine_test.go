@@ -6,6 +6,7 @@ package checkpoint_test
 // their memory against their own counters.
 
 import (
+	"bytes"
 	"context"
 	"crypto/rand"
 	"errors"
@@ -22,6 +23,15 @@ import (
 	"github.com/cowmig/cowmig/checkpoint/image"
 	"github.com/cowmig/cowmig/internal/testworkload"
 )
+
+// needPython fails without Debian's python3: make deps installs it, so a
+// skip would only hide a broken setup.
+func needPython(t *testing.T) {
+	t.Helper()
+	if _, err := os.Stat(testworkload.Python); err != nil {
+		t.Fatalf("needs %s (make deps installs python3): %v", testworkload.Python, err)
+	}
+}
 
 func needRoot(t *testing.T) {
 	t.Helper()
@@ -221,9 +231,7 @@ func TestDumpErrors(t *testing.T) {
 		t.Fatalf("dump of a missing pid: %v, want ErrNoProcess", err)
 	}
 	// A process with a child is refused and keeps running.
-	if _, err := os.Stat(testworkload.Python); err != nil {
-		t.Skip("needs Debian's python3")
-	}
+	needPython(t)
 	script := `import os, subprocess, sys, time
 c = subprocess.Popen(["sleep", "1000"])
 print("ready", os.getpid(), flush=True)
@@ -245,9 +253,7 @@ while True:
 // source is pending on the clone, and comm is the source's.
 func TestPendingSignalsAndComm(t *testing.T) {
 	needRoot(t)
-	if _, err := os.Stat(testworkload.Python); err != nil {
-		t.Skip("needs Debian's python3")
-	}
+	needPython(t)
 	script := `import signal, os, time
 signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2})
 print("ready", os.getpid(), flush=True)
@@ -279,11 +285,28 @@ while True:
 // Every lazy page of a fresh live snapshot can be read. Regression: a
 // write-protect fault during the freeze (the kernel's rseq update) drained
 // a pipe before the store existed and lost it; this failed within a few dozen dumps.
+// waitStopped waits until process pid is in the stopped state.
+func waitStopped(t *testing.T, pid int) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if i := strings.LastIndexByte(string(b), ')'); i > 0 && len(b) > i+2 && b[i+2] == 'T' {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("pid %d did not stop", pid)
+		}
+		time.Sleep(time.Millisecond) // polling /proc: nothing to wait on
+	}
+}
+
 func TestReadEveryLazyPage(t *testing.T) {
 	needRoot(t)
-	if _, err := os.Stat(testworkload.Python); err != nil {
-		t.Skip("needs Debian's python3")
-	}
+	needPython(t)
 	script := `import os, socket, time
 s = socket.socket(); s.bind(("127.0.0.1", 0)); s.listen(5)
 print("ready", os.getpid(), flush=True)
@@ -292,7 +315,17 @@ while True:
 `
 	for i := 0; i < 40; i++ {
 		src := testworkload.Start(t, []string{testworkload.Python, "-c", script}, nil)
+		// Stopped, the source cannot change its memory after the
+		// snapshot: every lazy page must read as the source's memory.
+		if err := syscall.Kill(src.Pid, syscall.SIGSTOP); err != nil {
+			t.Fatal(err)
+		}
+		waitStopped(t, src.Pid)
 		res, _ := dump(t, src.Pid, image.ModeLive)
+		mem, err := os.Open(fmt.Sprintf("/proc/%d/mem", src.Pid))
+		if err != nil {
+			t.Fatal(err)
+		}
 		for _, v := range res.Image.Processes[0].Vmas {
 			for _, r := range v.Runs {
 				if r.Where != image.OnServer {
@@ -302,8 +335,16 @@ while True:
 				if err := res.Snapshot.ReadPages(context.Background(), 1, r.Addr, buf); err != nil {
 					t.Fatalf("dump %d: read %#x+%d pages: %v", i, r.Addr, r.NPages, err)
 				}
+				want := make([]byte, len(buf))
+				if _, err := mem.ReadAt(want, int64(r.Addr)); err != nil {
+					t.Fatalf("dump %d: read source memory %#x: %v", i, r.Addr, err)
+				}
+				if !bytes.Equal(buf, want) {
+					t.Fatalf("dump %d: snapshot of %#x+%d pages differs from the stopped source's memory", i, r.Addr, r.NPages)
+				}
 			}
 		}
+		mem.Close()
 		res.Snapshot.Release()
 		src.Close()
 	}

@@ -28,6 +28,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/cowmig/cowmig/checkpoint/image"
 	"github.com/cowmig/cowmig/internal/ctrtest"
 	"github.com/cowmig/cowmig/internal/live"
 	"github.com/cowmig/cowmig/shim/shimapi"
@@ -452,7 +453,7 @@ func cowmigCmd(t *testing.T, h *ctrtest.Host, args ...string) string {
 
 // cowmigCmdErr runs the cowmig command in h's network namespace.
 func cowmigCmdErr(h *ctrtest.Host, args ...string) (string, error) {
-	cmd := exec.Command(cowmigBin, args...)
+	cmd := h.Command(cowmigBin, args...)
 	var stderr strings.Builder
 	cmd.Stderr = &stderr
 	out, err := cmd.Output()
@@ -487,7 +488,7 @@ func TestCLIContainerd(t *testing.T) {
 	src := parseKV(t, query(t, a, addrA, "PAUSE"), "paused")
 	img := filepath.Join(a.Dir(), "img")
 	out := cowmigCmd(t, a, "checkpoint", "--address", a.Address(), "--namespace", a.Namespace(),
-		"--image", img, "--listen", "tcp:"+a.IP()+":0", "--ttl", "30s", "--json", "kv")
+		"--image", img, "--listen", "tcp:0.0.0.0:0", "--advertise", "tcp:"+a.IP(), "--ttl", "30s", "--json", "kv")
 	var st live.CheckpointStats
 	if err := json.Unmarshal([]byte(out), &st); err != nil {
 		t.Fatalf("checkpoint --json: %q: %v", out, err)
@@ -534,7 +535,7 @@ func TestCLIContainerd(t *testing.T) {
 		t.Errorf("a task exists after the refused restore:\n%s", out)
 	}
 	// Wrong container, wrong runtime: clear errors.
-	if out, err := cowmigCmdErr(a, "checkpoint", "--address", a.Address(), "--namespace", a.Namespace(), "--image", img+"2", "nosuch"); err == nil || !strings.Contains(out, "nosuch") {
+	if out, err := cowmigCmdErr(a, "checkpoint", "--address", a.Address(), "--namespace", a.Namespace(), "--image", img+"2", "nosuch"); err == nil || !strings.Contains(out, "container nosuch") || !strings.Contains(out, "not found") {
 		t.Errorf("checkpoint of a missing container: %v %q", err, out)
 	}
 }
@@ -606,9 +607,17 @@ func TestCtrTLS(t *testing.T) {
 	if got := parseKV(t, query(t, b, b.IP()+":"+kvPort, "VERIFY"), "verify ok"); got != src {
 		t.Errorf("clone over TLS holds %+v, the source had %+v", got, src)
 	}
-	// The image says TLS: a CLI restore without the CA refuses at once.
+	// The image says TLS (the clone above could only be served over it):
+	// a CLI restore without the CA refuses at once.
 	img := filepath.Join(dir, "img")
 	cowmigCmd(t, a, "checkpoint", "--address", a.Address(), "--namespace", a.Namespace(), "--image", img, "kv")
+	meta, err := image.Read(img)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !meta.EndpointTLS || !strings.HasPrefix(meta.Endpoint, "tcp:"+a.IP()+":") {
+		t.Fatalf("image of a TLS page server: endpoint %q, tls %v", meta.Endpoint, meta.EndpointTLS)
+	}
 	out, err := cowmigCmdErr(b, "restore", "--image", img)
 	if err == nil || !strings.Contains(out, "speaks TLS") {
 		t.Errorf("restore without the CA: %v %q, want a refusal naming TLS", err, out)

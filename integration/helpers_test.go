@@ -86,6 +86,21 @@ func fileExists(p string) bool {
 	return err == nil
 }
 
+// pythonScript writes a Python program into a temporary file for
+// testworkload.Python to run. A missing interpreter fails the test: make
+// deps installs it, so a skip would only hide a broken setup.
+func pythonScript(t *testing.T, name, src string) string {
+	t.Helper()
+	if _, err := os.Stat(testworkload.Python); err != nil {
+		t.Fatalf("needs %s (make deps installs python3): %v", testworkload.Python, err)
+	}
+	path := filepath.Join(t.TempDir(), name)
+	if err := os.WriteFile(path, []byte(src), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
 func needRoot(t *testing.T) {
 	t.Helper()
 	if os.Geteuid() != 0 {

@@ -45,11 +45,11 @@ func TestConfig(t *testing.T) {
 		t.Errorf("config = %+v", c)
 	}
 	for text, want := range map[string]string{
-		"listen = \"tcp:0.0.0.0:7000\"\n": "wildcard",
-		"listen = \"udp:1.2.3.4:5\"\n":    "listen",
-		"lisen = \"unix\"\n":              "lisen",
-		"ttl = \"soon\"\n":                "ttl",
-		"tls_cert = \"/c.pem\"\n":         "tls_key",
+		"listen = \"tcp:0.0.0.0:7000\"\n": "is a wildcard: set advertise",
+		"listen = \"udp:1.2.3.4:5\"\n":    "listen: parse address",
+		"lisen = \"unix\"\n":              "unknown keys lisen (line 1)",
+		"ttl = \"soon\"\n":                "line 1: ttl: ",
+		"tls_cert = \"/c.pem\"\n":         "tls_cert and tls_key go together",
 	} {
 		if _, err := loadFrom(t, text); err == nil || !strings.Contains(err.Error(), want) {
 			t.Errorf("%q: error %v, want one naming %q", text, err, want)

@@ -357,27 +357,6 @@ func procEnv(t *testing.T, pid int) []string {
 	return strings.Split(strings.TrimRight(string(b), "\x00"), "\x00")
 }
 
-// taskPid returns the pid of container id's task on h.
-func taskPid(t *testing.T, h *Host, id string) int {
-	t.Helper()
-	out, err := h.Ctr("tasks", "ls")
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, line := range strings.Split(out, "\n") {
-		f := strings.Fields(line)
-		if len(f) >= 3 && f[0] == id {
-			pid, err := strconv.Atoi(f[1])
-			if err != nil {
-				t.Fatalf("tasks ls: %q", line)
-			}
-			return pid
-		}
-	}
-	t.Fatalf("no task %s in:\n%s", id, out)
-	return 0
-}
-
 // Two containerd hosts: a runc container from `ctr run` on A and one from
 // `nerdctl run` on B answer each other across the veth, the drop-in and
 // the environment reach containerd, and cleanup leaves nothing behind.
@@ -425,7 +404,7 @@ func TestHosts(t *testing.T) {
 			t.Fatalf("images after import: %q, %v", out, err)
 		}
 		addrA := a.RunKV(t, "kv", RuncRuntime, "-mib", "64", "-port", "7070")
-		pids = append(pids, taskPid(t, a, "kv"))
+		pids = append(pids, taskPidOnly(t, a, "kv"))
 		if addrA != IPA+":7070" {
 			t.Errorf("RunKV address %s", addrA)
 		}
@@ -463,7 +442,7 @@ func TestHosts(t *testing.T) {
 			t.Fatal(err)
 		}
 		for _, id := range strings.Fields(ctrs) {
-			pids = append(pids, taskPid(t, b, id))
+			pids = append(pids, taskPidOnly(t, b, id))
 		}
 
 		// A probe from B sees A's kvserver answer without a gap.
@@ -543,4 +522,11 @@ func checkProbeSeesFreeze(t *testing.T, h, peer *Host, id, addr string) {
 	if min, max := resumeStart.Sub(frozen), thawed.Sub(pauseStart)+100*time.Millisecond; r.MaxGap < min || r.MaxGap > max {
 		t.Errorf("probe's max gap %v, want between %v and %v", r.MaxGap, min, max)
 	}
+}
+
+// taskPidOnly is Host.TaskPid without the status.
+func taskPidOnly(t *testing.T, h *Host, id string) int {
+	t.Helper()
+	pid, _ := h.TaskPid(t, id)
+	return pid
 }
