@@ -60,10 +60,6 @@ func (d *dumper) memory(p *image.Process) (*Snapshot, error) {
 		return nil, fmt.Errorf("open pagemap: %w", err)
 	}
 	defer pm.Close()
-	sStart, sEnd, hasScratch := d.tr.ScratchRange()
-	if hasScratch {
-		maps = withoutRange(maps, sStart, sEnd)
-	}
 	type described struct {
 		m     procfs.Mapping
 		v     image.Vma
@@ -201,8 +197,10 @@ func (d *dumper) frozenMaps() ([]procfs.Mapping, error) {
 	if err != nil {
 		return nil, err
 	}
-	// The injector's scratch mapping is new since the pre-read.
-	if s, e, ok := d.tr.ScratchRange(); ok {
+	// The injector's scratch mapping is new since the pre-read, and not
+	// the target's.
+	s, e, hasScratch := d.tr.ScratchRange()
+	if hasScratch {
 		maps = withoutRange(maps, s, e)
 	}
 	type key struct {
@@ -220,7 +218,11 @@ func (d *dumper) frozenMaps() ([]procfs.Mapping, error) {
 	for i := range maps {
 		m, ok := pre[k(maps[i])]
 		if !ok {
-			return procfs.Maps(d.pid)
+			full, err := procfs.Maps(d.pid)
+			if err == nil && hasScratch {
+				full = withoutRange(full, s, e)
+			}
+			return full, err
 		}
 		// Rss is from before the freeze: only a hint (see populated).
 		maps[i].VmFlags, maps[i].Rss = m.VmFlags, m.Rss
