@@ -30,6 +30,9 @@ var (
 // Options configure a dump.
 type Options struct {
 	Mode image.Mode
+	// COW is how a live or full snapshot keeps the pages the process
+	// overwrites after the snapshot instant; "" means COWUffd.
+	COW COW
 	// Dir is the image directory; it is created if missing.
 	Dir string
 	// Endpoint and Token are written into a live image: where the page
@@ -72,6 +75,12 @@ func Dump(ctx context.Context, pid int, o Options) (*Result, error) {
 	if !o.Mode.Valid() {
 		return nil, fmt.Errorf("dump: unknown mode %q", o.Mode)
 	}
+	if o.COW == "" {
+		o.COW = COWUffd
+	}
+	if !o.COW.Valid() {
+		return nil, fmt.Errorf("dump: unknown copy-on-write method %q (want uffd or fork)", o.COW)
+	}
 	if o.Mode == image.ModeLive && (o.Endpoint == "" || len(o.Token) != 32) {
 		return nil, fmt.Errorf("dump: live mode needs a page-server endpoint and a 32-byte token")
 	}
@@ -92,7 +101,7 @@ func Dump(ctx context.Context, pid int, o Options) (*Result, error) {
 	if d.preMaps, err = waitNoUffd(pid, o.WindowWait); err != nil {
 		return nil, err
 	}
-	if o.Mode != image.ModeStop {
+	if o.Mode != image.ModeStop && o.COW == COWUffd {
 		d.pipeSize = pipeSize(o.PipeSize)
 		d.preparePipes()
 		defer d.closePool()
@@ -124,8 +133,8 @@ func Dump(ctx context.Context, pid int, o Options) (*Result, error) {
 	d.img.Stats.FreezeNs = freeze.Nanoseconds()
 	res := &Result{Image: d.img, Freeze: freeze, Phases: d.phases}
 	if snap != nil {
-		if o.Mode == image.ModeLive {
-			snap.startDrain()
+		if o.Mode == image.ModeLive && snap.shadow == nil {
+			snap.startDrain() // a shadow needs no drain: see shadow.go
 		}
 		if o.Mode == image.ModeFull {
 			if err := snap.drainAll(ctx); err != nil {
@@ -229,6 +238,9 @@ func (d *dumper) frozen() (*Snapshot, error) {
 		d.img.Endpoint, d.img.EndpointTLS = d.o.Endpoint, d.o.EndpointTLS
 		d.img.Token = d.o.Token
 	}
+	if d.o.Mode != image.ModeStop {
+		d.img.Stats.COW = string(d.o.COW)
+	}
 	p, err := d.process()
 	if err != nil {
 		return nil, err
@@ -252,10 +264,12 @@ func (d *dumper) process() (*image.Process, error) {
 	if err != nil {
 		return nil, fmt.Errorf("read stat: %w", err)
 	}
-	if !d.o.LeaveChildren {
-		if kids := children(pid); len(kids) > 0 {
-			return nil, fmt.Errorf("pid %d has child processes %v: process trees are not supported: %w", pid, kids, ErrUnsupported)
-		}
+	kids, shadows := children(pid)
+	if !d.o.LeaveChildren && len(kids) > 0 {
+		return nil, fmt.Errorf("pid %d has child processes %v: process trees are not supported: %w", pid, kids, ErrUnsupported)
+	}
+	if err := d.reapShadows(shadows); err != nil {
+		return nil, err
 	}
 	p := &image.Process{ID: 1, Pid: pid, PPid: stat.PPid, Pgid: stat.Pgrp, Sid: stat.Session, Comm: st.Name, Umask: st.Umask}
 	if len(st.NSpid) > 1 {
@@ -441,18 +455,24 @@ func unsupported(pid, fd int, what string) error {
 	return fmt.Errorf("pid %d fd %d: %s: %w", pid, fd, what, ErrUnsupported)
 }
 
-// children lists the child processes of every thread of pid.
-func children(pid int) []int {
-	var out []int
+// children lists the child processes of every thread of pid, apart from
+// the shadows of earlier fork snapshots (see shadow.go), which go to
+// shadows.
+func children(pid int) (kids, shadows []int) {
 	tasks, _ := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/children", pid))
 	for _, t := range tasks {
 		b, _ := os.ReadFile(t)
 		for _, f := range strings.Fields(string(b)) {
 			var c int
-			if _, err := fmt.Sscan(f, &c); err == nil {
-				out = append(out, c)
+			if _, err := fmt.Sscan(f, &c); err != nil {
+				continue
+			}
+			if IsShadow(c) {
+				shadows = append(shadows, c)
+			} else {
+				kids = append(kids, c)
 			}
 		}
 	}
-	return out
+	return kids, shadows
 }

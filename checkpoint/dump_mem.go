@@ -67,6 +67,9 @@ func (d *dumper) memory(p *image.Process) (*Snapshot, error) {
 	}
 	var ds []described
 	var wpVmas []image.Vma
+	// fork: a shadow process keeps the snapshot (shadow.go); nothing is
+	// write-protected or pinned.
+	fork := d.o.Mode != image.ModeStop && d.o.COW == COWFork
 	for _, m := range maps {
 		v, class, err := d.describe(m)
 		if err != nil {
@@ -78,8 +81,12 @@ func (d *dumper) memory(p *image.Process) (*Snapshot, error) {
 		if v.Kind == image.VmaVDSO || v.Kind == image.VmaVVar || v.Kind == image.VmaVVarVclock {
 			d.img.VDSO = append(d.img.VDSO, v)
 		}
+		if class == classPin && fork && (m.HasFlag("dc") || m.HasFlag("wf")) {
+			// MADV_DONTFORK or MADV_WIPEONFORK: the shadow has no copy.
+			class = classCopy
+		}
 		ds = append(ds, described{m, v, class})
-		if class == classPin && d.o.Mode != image.ModeStop {
+		if class == classPin && d.o.Mode != image.ModeStop && !fork {
 			wpVmas = append(wpVmas, v)
 		}
 	}
@@ -168,6 +175,18 @@ func (d *dumper) memory(p *image.Process) (*Snapshot, error) {
 	}
 	d.img.Stats.PagesTotal = d.img.Stats.PagesEager
 	d.mark("copy")
+	if fork {
+		if len(pins) == 0 {
+			ok = true
+			return nil, nil
+		}
+		s, err := d.shadowSnapshot(p, pins)
+		if err != nil {
+			return nil, err
+		}
+		ok = true
+		return s, nil
+	}
 	if s == nil {
 		ok = true
 		return nil, nil

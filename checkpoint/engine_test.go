@@ -21,6 +21,7 @@ import (
 
 	"github.com/cowmig/cowmig/checkpoint"
 	"github.com/cowmig/cowmig/checkpoint/image"
+	"github.com/cowmig/cowmig/checkpoint/procfs"
 	"github.com/cowmig/cowmig/internal/testworkload"
 )
 
@@ -68,12 +69,23 @@ func token(t *testing.T) []byte {
 
 func dump(t *testing.T, pid int, mode image.Mode) (*checkpoint.Result, string) {
 	t.Helper()
+	return dumpCOW(t, pid, mode, checkpoint.COWUffd)
+}
+
+// cows are the copy-on-write methods every live and full test runs with.
+var cows = []checkpoint.COW{checkpoint.COWUffd, checkpoint.COWFork}
+
+func dumpCOW(t *testing.T, pid int, mode image.Mode, cow checkpoint.COW) (*checkpoint.Result, string) {
+	t.Helper()
 	dir := t.TempDir()
 	// The workloads fork short-lived children: one may exist at the
 	// snapshot instant; the clone goes on without it.
-	res, err := checkpoint.Dump(context.Background(), pid, checkpoint.Options{Mode: mode, Dir: dir, Endpoint: "unix:/nonexistent", Token: token(t), LeaveChildren: true})
+	res, err := checkpoint.Dump(context.Background(), pid, checkpoint.Options{Mode: mode, COW: cow, Dir: dir, Endpoint: "unix:/nonexistent", Token: token(t), LeaveChildren: true})
 	if err != nil {
-		t.Fatalf("dump %s: %v", mode, err)
+		t.Fatalf("dump %s/%s: %v", mode, cow, err)
+	}
+	if mode != image.ModeStop && res.Image.Stats.COW != string(cow) {
+		t.Fatalf("image records cow %q, want %q", res.Image.Stats.COW, cow)
 	}
 	if res.Snapshot != nil {
 		t.Cleanup(res.Snapshot.Release)
@@ -113,11 +125,24 @@ func restoreOpts(t *testing.T, o checkpoint.RestoreOptions) (*checkpoint.Restore
 func TestSnapshotUnderFire(t *testing.T) {
 	needRoot(t)
 	bin := testworkload.BuildC(t)
-	for _, mode := range []image.Mode{image.ModeLive, image.ModeFull, image.ModeStop} {
-		t.Run(string(mode), func(t *testing.T) {
+	type run struct {
+		mode image.Mode
+		cow  checkpoint.COW
+	}
+	runs := []run{{image.ModeStop, ""}}
+	for _, cow := range cows {
+		runs = append(runs, run{image.ModeLive, cow}, run{image.ModeFull, cow})
+	}
+	for _, r := range runs {
+		mode := r.mode
+		name := string(mode)
+		if r.cow != "" {
+			name += "/" + string(r.cow)
+		}
+		t.Run(name, func(t *testing.T) {
 			fileMap := filepath.Join(t.TempDir(), "filemap")
 			src := testworkload.Start(t, []string{bin, "-mem", "64", "-threads", "3", "-thp", "-churn", "-fork", "-filemap", fileMap}, nil)
-			res, dir := dump(t, src.Pid, mode)
+			res, dir := dumpCOW(t, src.Pid, mode, r.cow)
 			src.Verify(t) // the source runs on, unharmed
 			var f checkpoint.PageFetcher
 			if res.Snapshot != nil {
@@ -134,7 +159,8 @@ func TestSnapshotUnderFire(t *testing.T) {
 			}
 			clone.Verify(t)
 			src.Verify(t)
-			if mode == image.ModeLive {
+			if mode == image.ModeLive && r.cow == checkpoint.COWUffd {
+				// A fork snapshot's window lasts until it is released.
 				select {
 				case <-res.Snapshot.WindowClosed():
 				case <-ctx.Done():
@@ -175,8 +201,14 @@ func TestBackToBackSnapshots(t *testing.T) {
 func TestPythonClone(t *testing.T) {
 	needRoot(t)
 	script := testworkload.PythonScript(t)
+	for _, cow := range cows {
+		t.Run(string(cow), func(t *testing.T) { testPythonClone(t, script, cow) })
+	}
+}
+
+func testPythonClone(t *testing.T, script string, cow checkpoint.COW) {
 	src := testworkload.Start(t, []string{testworkload.Python, script, "256"}, nil)
-	res, dir := dump(t, src.Pid, image.ModeLive)
+	res, dir := dumpCOW(t, src.Pid, image.ModeLive, cow)
 	if res.Image.Stats.PagesTotal*image.PageSize < 256<<20 {
 		t.Fatalf("snapshot holds %d pages, want ≥ 256 MiB", res.Image.Stats.PagesTotal)
 	}
@@ -348,4 +380,132 @@ while True:
 		res.Snapshot.Release()
 		src.Close()
 	}
+}
+
+// A fork snapshot's shadow: named cowmig-shadow, a stopped child of the
+// source while the snapshot lives; every page it serves is the stopped
+// source's; killed at Release, its zombie is reaped by the next dump, and
+// it never counts as a child the dump refuses.
+func TestForkShadowLifecycle(t *testing.T) {
+	needRoot(t)
+	needPython(t)
+	script := `import os, time
+data = bytearray(os.urandom(8 << 20))
+print("ready", os.getpid(), flush=True)
+while True:
+    time.sleep(0.01)
+`
+	src := testworkload.Start(t, []string{testworkload.Python, "-c", script}, nil)
+	if err := syscall.Kill(src.Pid, syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	waitStopped(t, src.Pid)
+	dumpStrict := func() *checkpoint.Result {
+		t.Helper()
+		res, err := checkpoint.Dump(context.Background(), src.Pid, checkpoint.Options{Mode: image.ModeLive, COW: checkpoint.COWFork,
+			Dir: t.TempDir(), Endpoint: "unix:/nonexistent", Token: token(t)})
+		if err != nil {
+			t.Fatalf("fork dump of a process with shadows only: %v", err)
+		}
+		return res
+	}
+	res := dumpStrict()
+	sh := res.Snapshot.ShadowPid()
+	if sh == 0 {
+		t.Fatal("fork snapshot has no shadow")
+	}
+	st, err := procfs.ReadStatus(sh, sh)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.Name != "cowmig-shadow" || st.PPid != src.Pid || !strings.HasPrefix(st.State, "t") {
+		t.Fatalf("shadow %d: name %q ppid %d state %q, want cowmig-shadow, %d, tracing stop", sh, st.Name, st.PPid, st.State, src.Pid)
+	}
+	mem, err := os.Open(fmt.Sprintf("/proc/%d/mem", src.Pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer mem.Close()
+	for _, v := range res.Image.Processes[0].Vmas {
+		for _, r := range v.Runs {
+			if r.Where != image.OnServer {
+				continue
+			}
+			buf := make([]byte, r.NPages*image.PageSize)
+			if err := res.Snapshot.ReadPages(context.Background(), 1, r.Addr, buf); err != nil {
+				t.Fatalf("read %#x+%d pages: %v", r.Addr, r.NPages, err)
+			}
+			want := make([]byte, len(buf))
+			if _, err := mem.ReadAt(want, int64(r.Addr)); err != nil {
+				t.Fatal(err)
+			}
+			// The kernel writes each thread's rseq area (the cpu it
+			// runs on) on the way back from a syscall: the source's
+			// after the fork (the injections that detach it), the
+			// shadow's on its own. Those fields are the kernel's and
+			// are rewritten in the clone; everything else must match.
+			for _, th := range res.Image.Processes[0].Threads {
+				for a := th.RseqAddr; a < th.RseqAddr+uint64(th.RseqLen); a++ {
+					if a >= r.Addr && a < r.Addr+uint64(len(buf)) {
+						buf[a-r.Addr], want[a-r.Addr] = 0, 0
+					}
+				}
+			}
+			if !bytes.Equal(buf, want) {
+				t.Fatalf("shadow's %#x+%d pages differ from the stopped source's memory", r.Addr, r.NPages)
+			}
+		}
+	}
+	// A second snapshot while the first's shadow lives: not a child.
+	res2 := dumpStrict()
+	res.Snapshot.Release()
+	st, err = procfs.ReadStatus(sh, sh)
+	if err != nil || !strings.HasPrefix(st.State, "Z") {
+		t.Fatalf("released shadow %d: %v, state %+v, want a zombie awaiting the source", sh, err, st)
+	}
+	if err := res.Snapshot.ReadPages(context.Background(), 1, res.Image.Processes[0].Vmas[0].Start, make([]byte, image.PageSize)); !errors.Is(err, checkpoint.ErrReleased) {
+		t.Fatalf("read after release: %v, want ErrReleased", err)
+	}
+	res2.Snapshot.Release()
+	res3 := dumpStrict() // reaps both zombies
+	defer res3.Snapshot.Release()
+	for _, pid := range []int{sh, res2.Snapshot.ShadowPid()} {
+		if _, err := os.Stat(fmt.Sprintf("/proc/%d", pid)); err == nil {
+			t.Fatalf("zombie shadow %d not reaped by the next dump", pid)
+		}
+	}
+	if b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/status", src.Pid)); !strings.Contains(string(b), "TracerPid:\t0") {
+		t.Fatalf("source left traced:\n%s", b)
+	}
+}
+
+// A shadow killed by someone else: reads fail, and a clone that needs its
+// pages is killed, never run on zero-filled pages.
+func TestForkShadowKilledKillsClone(t *testing.T) {
+	needRoot(t)
+	bin := testworkload.BuildC(t)
+	src := testworkload.Start(t, []string{bin, "-mem", "32", "-threads", "2"}, nil)
+	res, dir := dumpCOW(t, src.Pid, image.ModeLive, checkpoint.COWFork)
+	rs, _ := restoreOpts(t, checkpoint.RestoreOptions{Dir: dir, Fetcher: &snapFetcher{s: res.Snapshot}, NoPrefetch: true})
+	if err := syscall.Kill(res.Snapshot.ShadowPid(), syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	if err := rs.Serve(ctx); err == nil || !strings.Contains(err.Error(), "shadow") {
+		t.Fatalf("pager error %v, want the shadow's death", err)
+	}
+	select {
+	case <-res.Snapshot.Lost():
+	case <-ctx.Done():
+		t.Fatal("Lost not closed after the shadow died")
+	}
+	if err := res.Snapshot.Err(); !errors.Is(err, checkpoint.ErrSnapshotLost) {
+		t.Fatalf("snapshot error %v, want ErrSnapshotLost", err)
+	}
+	rs.Wait()
+	if b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", rs.Pid)); err == nil && !strings.Contains(string(b), ") Z") {
+		t.Fatalf("clone %d still exists after its shadow died", rs.Pid)
+	}
+	src.Verify(t)
 }

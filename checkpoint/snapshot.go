@@ -61,13 +61,28 @@ type Snapshot struct {
 	// snapshot addresses. Owned by the fault loop's goroutine: only Fault
 	// and Event, which it runs, touch it.
 	moves moveMap
+
+	// shadow is the fork snapshot's shadow process (shadow.go); nil in a
+	// uffd snapshot, which has u, loop and pipes instead. Set once before
+	// the Snapshot is shared. shadowMu is held for reading around every
+	// read of its memory, and for writing to kill and reap it, so that no
+	// read can reach a process that reused its pid.
+	shadow   *inject.Process
+	shadowMu sync.RWMutex
+	// shadowGone is set (under shadowMu) once the shadow is killed.
+	shadowGone bool
+	// lost is closed once the shadow is dead and reaped (watchShadow).
+	lost chan struct{}
 }
 
-// pinSeg is a run of pinned pages in one pipe.
+// pinSeg is a run of pinned pages in one pipe, or of a shadow's pages.
 type pinSeg struct {
 	addr, end uint64
 	pipe      int
 	off       uint64 // offset of addr in the pipe's data
+	// at is the offset of addr in the snapshot's pages laid end to end:
+	// where a full dump puts it, after pagesBase, in pages.img.
+	at uint64
 }
 
 // pinPipe is one pipe of pinned pages.
@@ -137,29 +152,13 @@ func (d *dumper) pin(s *Snapshot, p *image.Process, runs []pinRun) error {
 			}
 			n := min(left, psz-cur.n)
 			cur.segs = append(cur.segs, len(s.segs))
-			s.segs = append(s.segs, pinSeg{addr: addr, end: addr + n, pipe: len(s.pipes) - 1, off: cur.n})
+			s.segs = append(s.segs, pinSeg{addr: addr, end: addr + n, pipe: len(s.pipes) - 1, off: cur.n, at: cur.base + cur.n})
 			cur.n += n
 			addr += n
 			left -= n
 		}
 	}
-	// Record the runs in the image.
-	for _, sg := range s.segs {
-		vi := sort.Search(len(p.Vmas), func(i int) bool { return p.Vmas[i].End > sg.addr })
-		run := image.Run{Addr: sg.addr, NPages: (sg.end - sg.addr) / image.PageSize, Where: image.OnServer}
-		if d.o.Mode == image.ModeFull {
-			run.Where, run.Off = image.InPages, d.pagesOff+s.pipes[sg.pipe].base+sg.off
-		}
-		p.Vmas[vi].Runs = append(p.Vmas[vi].Runs, run)
-		s.pagesLazy += run.NPages
-	}
-	if d.o.Mode == image.ModeFull {
-		s.pages, s.pagesBase = d.pages, d.pagesOff
-		d.img.Stats.PagesEager += s.pagesLazy // drained into pages.img
-	} else {
-		d.img.Stats.PagesLazy = s.pagesLazy
-	}
-	d.img.Stats.PagesTotal += s.pagesLazy
+	d.recordRuns(s, p)
 
 	// The store must exist before the first pin: a fault during the
 	// freeze (the kernel's rseq update) may drain a filled pipe.
@@ -184,6 +183,27 @@ func (d *dumper) pin(s *Snapshot, p *image.Process, runs []pinRun) error {
 	}
 	d.mark("pin")
 	return nil
+}
+
+// recordRuns records s.segs in p's vmas: on the page server (live), or in
+// pages.img, where the drain will put them (full).
+func (d *dumper) recordRuns(s *Snapshot, p *image.Process) {
+	for _, sg := range s.segs {
+		vi := sort.Search(len(p.Vmas), func(i int) bool { return p.Vmas[i].End > sg.addr })
+		run := image.Run{Addr: sg.addr, NPages: (sg.end - sg.addr) / image.PageSize, Where: image.OnServer}
+		if d.o.Mode == image.ModeFull {
+			run.Where, run.Off = image.InPages, d.pagesOff+sg.at
+		}
+		p.Vmas[vi].Runs = append(p.Vmas[vi].Runs, run)
+		s.pagesLazy += run.NPages
+	}
+	if d.o.Mode == image.ModeFull {
+		s.pages, s.pagesBase = d.pages, d.pagesOff
+		d.img.Stats.PagesEager += s.pagesLazy // drained into pages.img
+	} else {
+		d.img.Stats.PagesLazy = s.pagesLazy
+	}
+	d.img.Stats.PagesTotal += s.pagesLazy
 }
 
 // protect registers vmas for write-protect faults and protects them. Every
@@ -347,6 +367,11 @@ func (s *Snapshot) startDrain() {
 
 // drainAll drains every pipe, then closes the COW window.
 func (s *Snapshot) drainAll(ctx context.Context) error {
+	if s.shadow != nil {
+		err := s.drainShadow(ctx)
+		s.closeWindow()
+		return err
+	}
 	var first error
 	for i := range s.pipes {
 		select {
@@ -376,7 +401,9 @@ func (s *Snapshot) closeWindow() {
 		// Nothing is protected any more. Close the uffd now: while it
 		// is open the target's mremap waits for someone to read its
 		// REMAP event.
-		s.u.Close()
+		if s.u != nil { // nil for a shadow snapshot
+			s.u.Close()
+		}
 		close(s.windowEnd)
 	})
 }
@@ -495,6 +522,9 @@ func (s *Snapshot) ReadPages(ctx context.Context, proc uint32, addr uint64, buf 
 	if addr%image.PageSize != 0 || len(buf)%image.PageSize != 0 {
 		return fmt.Errorf("read %#x+%#x: unaligned: %w", addr, len(buf), ErrNotInSnapshot)
 	}
+	if s.shadow != nil {
+		return s.readShadow(addr, buf)
+	}
 	for len(buf) > 0 {
 		i := s.findSeg(addr)
 		if i < 0 {
@@ -558,15 +588,17 @@ func (s *Snapshot) Release() {
 	s.mu.Unlock()
 	close(s.stop)
 	s.closeWindow()
+	s.killShadow() // before the wait: it ends the shadow's watcher
 	s.wg.Wait()
 	s.closeAll()
 }
 
 // closeAll frees every resource; the goroutines must be stopped.
 func (s *Snapshot) closeAll() {
-	if s.u != nil { // nil only when newSnapshot failed early
+	if s.u != nil { // nil when newSnapshot failed early, and for a shadow
 		s.u.Close() // also unregisters: blocked writers proceed
 	}
+	s.killShadow()
 	for _, pp := range s.pipes {
 		pp.mu.Lock()
 		if pp.r != nil {

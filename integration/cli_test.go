@@ -67,11 +67,13 @@ func checkCloneIdentity(t *testing.T, c *clone, src *testworkload.Proc, mode str
 }
 
 func TestCheckpointRestore(t *testing.T) {
-	for _, mode := range []string{"live", "full", "stop"} {
+	for _, mode := range []string{"live", "full", "stop", "live-fork", "full-fork"} {
 		t.Run(mode, func(t *testing.T) { testCheckpointRestore(t, mode) })
 	}
 }
 
+// testCheckpointRestore checkpoints in mode ("live-fork" and "full-fork":
+// live and full with --cow fork), restores and compares.
 func testCheckpointRestore(t *testing.T, mode string) {
 	h := newHarness(t)
 	bin := testworkload.BuildC(t)
@@ -86,6 +88,7 @@ func testCheckpointRestore(t *testing.T, mode string) {
 	dir := filepath.Join(t.TempDir(), "image")
 
 	st := h.checkpoint(src.Pid, dir, mode)
+	mode = strings.TrimSuffix(mode, "-fork")
 	if got := tasks(t, src.Pid); !slices.Equal(got, tids) {
 		t.Fatalf("source threads %v before the checkpoint, %v after", tids, got)
 	}
@@ -177,6 +180,13 @@ func testCheckpointRestore(t *testing.T, mode string) {
 	}
 	if !e.reaped || !e.status.Exited() || e.status.ExitStatus() != 0 {
 		t.Errorf("page server %v after release; log:\n%s", e, readFile(filepath.Join(dir, "server.log")))
+	}
+	if st.ShadowPid != 0 {
+		// The shadow died with its snapshot: a zombie until the source
+		// reaps it (its next checkpoint does).
+		if b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", st.ShadowPid)); err == nil && !strings.Contains(string(b), "(cowmig-shadow) Z") {
+			t.Errorf("shadow %d after release: %s", st.ShadowPid, b)
+		}
 	}
 	for _, f := range []string{image.MetaFile, image.PagesFile} {
 		if !fileExists(filepath.Join(dir, f)) {

@@ -671,3 +671,58 @@ func writePEM(t *testing.T, path, typ string, der []byte) {
 		t.Fatal(err)
 	}
 }
+
+// cow = "fork" in the shim's config: the snapshot lives in a shadow
+// process in the container (named cowmig-shadow, not counted as a second
+// process by the next checkpoint), the clone on B holds exactly the
+// source's memory, and a checkpoint with exit falls back to uffd (the
+// shadow would die with the task), or is refused when fork was asked for.
+func TestCtrForkCOW(t *testing.T) {
+	needRoot(t)
+	a, b := ctrtest.CowmigHosts(t, filepath.Dir(shimBin), func(string) string { return "cow = \"fork\"\n" })
+	addrA := a.RunKV(t, "kv", shimapi.RuntimeName, "-mib", "64", "-port", kvPort)
+	src := parseKV(t, query(t, a, addrA, "PAUSE"), "paused")
+	img := filepath.Join(a.Dir(), "img")
+	out := cowmigCmd(t, a, "checkpoint", "--address", a.Address(), "--namespace", a.Namespace(), "--image", img, "--json", "kv")
+	var st live.CheckpointStats
+	if err := json.Unmarshal([]byte(out), &st); err != nil {
+		t.Fatalf("checkpoint --json: %q: %v", out, err)
+	}
+	if st.COW != "fork" || st.ShadowPid == 0 {
+		t.Fatalf("checkpoint with cow = fork: stats %+v, want cow fork and a shadow pid", st)
+	}
+	query(t, a, addrA, "RESUME")
+	pidA, _ := a.TaskPid(t, "kv")
+	if b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", st.ShadowPid)); err != nil || !strings.Contains(string(b), fmt.Sprintf("(cowmig-shadow) t %d ", pidA)) {
+		t.Fatalf("shadow %d: %q (%v), want cowmig-shadow stopped, child of the task's pid %d", st.ShadowPid, b, err, pidA)
+	}
+	// A second snapshot while the first's shadow lives.
+	a.MustCtr(t, "container", "checkpoint", "--task", "kv", "ckpt/kv:fork2")
+
+	imgB := filepath.Join(b.Dir(), "img")
+	if out, err := exec.Command("cp", "-r", img, imgB).CombinedOutput(); err != nil {
+		t.Fatalf("cp: %v %s", err, out)
+	}
+	cowmigCmd(t, b, "restore", "--address", b.Address(), "--namespace", b.Namespace(), "--image", imgB, "clone")
+	if got := parseKV(t, query(t, b, b.IP()+":"+kvPort, "VERIFY"), "verify ok"); got != src {
+		t.Errorf("clone of a fork snapshot holds %+v, the source had %+v", got, src)
+	}
+	a.MoveImage(t, b, "ckpt/kv:fork2")
+	b.MustCtr(t, "task", "kill", "-s", "KILL", "clone")
+	waitStatus(t, b, "clone", "STOPPED", 10*time.Second)
+	b.MustCtr(t, "container", "restore", "--live", "clone2", "ckpt/kv:fork2")
+	parseKV(t, query(t, b, b.IP()+":"+kvPort, "VERIFY"), "verify ok")
+	parseKV(t, query(t, a, addrA, "VERIFY"), "verify ok") // the source runs on
+
+	// Exit: fork asked for explicitly is refused, the task runs on.
+	if out, err := cowmigCmdErr(a, "checkpoint", "--address", a.Address(), "--namespace", a.Namespace(), "--image", img+"-x", "--cow", "fork", "--exit", "kv"); err == nil || !strings.Contains(out, "use uffd") {
+		t.Errorf("checkpoint --cow fork --exit: %v %q, want a refusal", err, out)
+	}
+	parseKV(t, query(t, a, addrA, "VERIFY"), "verify ok")
+	// The configured fork falls back to uffd.
+	out = cowmigCmd(t, a, "checkpoint", "--address", a.Address(), "--namespace", a.Namespace(), "--image", img+"-exit", "--exit", "--json", "kv")
+	var stx live.CheckpointStats
+	if err := json.Unmarshal([]byte(out), &stx); err != nil || stx.COW != "uffd" || stx.ShadowPid != 0 {
+		t.Errorf("checkpoint --exit with cow = fork configured: %q (%v), want cow uffd", out, err)
+	}
+}

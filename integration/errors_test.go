@@ -271,19 +271,31 @@ func TestRestoreWrongToken(t *testing.T) {
 }
 
 // A clone whose page server dies mid-restore must be killed, never run
-// on zero pages; its pager must fail.
+// on zero pages; its pager must fail. With --cow fork, the shadow dies
+// with its page server (PTRACE_O_EXITKILL): it never runs.
 func TestPageServerDiesMidRestore(t *testing.T) {
+	for _, mode := range []string{"live", "live-fork"} {
+		t.Run(mode, func(t *testing.T) { testPageServerDiesMidRestore(t, mode) })
+	}
+}
+
+func testPageServerDiesMidRestore(t *testing.T, mode string) {
 	h := newHarness(t)
 	bin := testworkload.BuildC(t)
 	src := testworkload.Start(t, []string{bin, "-mem", "512", "-threads", "2", "-quiet"}, nil)
 	dir := filepath.Join(t.TempDir(), "image")
-	st := h.checkpoint(src.Pid, dir, "live")
+	st := h.checkpoint(src.Pid, dir, mode)
 	c := h.restore(dir, runOpts{})
 	if err := unix.Kill(st.ServerPid, unix.SIGKILL); err != nil {
 		t.Fatalf("kill page server: %v", err)
 	}
 	if _, err := waitExit(st.ServerPid, exitTimeout); err != nil {
 		t.Fatal(err)
+	}
+	if st.ShadowPid != 0 {
+		if _, err := waitExit(st.ShadowPid, exitTimeout); err != nil {
+			t.Fatalf("shadow outlived its page server: %v", err)
+		}
 	}
 	if _, err := waitExit(c.st.Pid, exitTimeout); err != nil {
 		t.Fatalf("clone kept running after its page server died: %v", err)

@@ -264,6 +264,8 @@ func (h *harness) mustRun(o runOpts, args ...string) cliResult {
 // checkpointStats is `cowmig checkpoint --json`.
 type checkpointStats struct {
 	Mode       string             `json:"mode"`
+	COW        string             `json:"cow"`
+	ShadowPid  int                `json:"shadow_pid"`
 	Image      string             `json:"image"`
 	Pid        int                `json:"pid"`
 	FreezeMs   float64            `json:"freeze_ms"`
@@ -275,11 +277,18 @@ type checkpointStats struct {
 	PhasesMs   map[string]float64 `json:"phases_ms"`
 }
 
-// checkpoint runs `cowmig checkpoint --json` and checks the output's
+// checkpoint runs `cowmig checkpoint --json` of pid into dir in mode (a
+// mode "live-fork" or "full-fork" adds --cow fork) and checks the output's
 // consistency. A page server it starts is killed when the test ends.
 func (h *harness) checkpoint(pid int, dir, mode string) checkpointStats {
 	h.t.Helper()
-	r := h.mustRun(runOpts{}, "checkpoint", "--pid", strconv.Itoa(pid), "--image", dir, "--mode", mode, "--json")
+	args := []string{"checkpoint", "--pid", strconv.Itoa(pid), "--image", dir, "--json"}
+	cow := ""
+	if m, ok := strings.CutSuffix(mode, "-fork"); ok {
+		mode, cow = m, "fork"
+		args = append(args, "--cow", "fork")
+	}
+	r := h.mustRun(runOpts{}, append(args, "--mode", mode)...)
 	var st checkpointStats
 	decodeOneJSON(h.t, r, &st)
 	if r.stderr != "" {
@@ -292,6 +301,12 @@ func (h *harness) checkpoint(pid int, dir, mode string) checkpointStats {
 		mode, pid, st.FreezeMs, st.PagesTotal, st.PagesEager, st.PagesLazy, st.ServerPid)
 	if st.Mode != mode || st.Pid != pid || st.Image != dir {
 		h.t.Fatalf("checkpoint reports mode %q pid %d image %q, want %q %d %q", st.Mode, st.Pid, st.Image, mode, pid, dir)
+	}
+	if mode != "stop" && (st.COW != cow && !(cow == "" && st.COW == "uffd")) {
+		h.t.Fatalf("checkpoint reports copy-on-write %q, want %q", st.COW, cow)
+	}
+	if (cow == "fork" && mode == "live") != (st.ShadowPid != 0) {
+		h.t.Fatalf("checkpoint reports shadow pid %d (cow %q, mode %s)", st.ShadowPid, cow, mode)
 	}
 	if st.PagesEager+st.PagesLazy != st.PagesTotal {
 		h.t.Errorf("checkpoint --json: %d eager + %d lazy pages != %d total", st.PagesEager, st.PagesLazy, st.PagesTotal)

@@ -20,6 +20,7 @@ import (
 	"github.com/containerd/log"
 	"github.com/containerd/typeurl/v2"
 
+	"github.com/cowmig/cowmig/checkpoint"
 	"github.com/cowmig/cowmig/checkpoint/image"
 	"github.com/cowmig/cowmig/internal/daemon"
 	"github.com/cowmig/cowmig/internal/live"
@@ -50,13 +51,20 @@ func (s *service) checkpoint(ctx context.Context, r *taskAPI.CheckpointTaskReque
 	if err != nil {
 		return fmt.Errorf("task pids: %w", err)
 	}
-	if len(pids.Processes) != 1 {
+	var procs []uint32
+	for _, p := range pids.Processes {
+		// The shadows of fork snapshots are the engine's own.
+		if !checkpoint.IsShadow(int(p.Pid)) {
+			procs = append(procs, p.Pid)
+		}
+	}
+	if len(procs) != 1 {
 		var list []string
-		for _, p := range pids.Processes {
-			list = append(list, fmt.Sprint(p.Pid))
+		for _, p := range procs {
+			list = append(list, fmt.Sprint(p))
 		}
 		return fmt.Errorf("the container runs %d processes (%s); cowmig snapshots single-process containers: %w",
-			len(pids.Processes), strings.Join(list, " "), errdefs.ErrNotImplemented)
+			len(procs), strings.Join(list, " "), errdefs.ErrNotImplemented)
 	}
 	if st.Status == task.Status_PAUSED {
 		// ctr and nerdctl pause the task around a checkpoint. A frozen
@@ -70,7 +78,7 @@ func (s *service) checkpoint(ctx context.Context, r *taskAPI.CheckpointTaskReque
 		s.resumed[r.ID] = true
 		s.mu.Unlock()
 	}
-	stats, server, err := s.runCheckpointDaemon(ctx, r.ID, int(st.Pid), r.Path, req)
+	stats, server, err := s.runCheckpointDaemon(ctx, r.ID, int(st.Pid), r.Path, req, opts.Exit)
 	if err != nil {
 		return err
 	}
@@ -119,6 +127,9 @@ func readRequest(workPath string) (shimapi.CheckpointRequest, error) {
 	if req.Mode != "" && !image.Mode(req.Mode).Valid() {
 		return req, fmt.Errorf("checkpoint request: mode %q: want live, full or stop", req.Mode)
 	}
+	if req.COW != "" && !checkpoint.COW(req.COW).Valid() {
+		return req, fmt.Errorf("checkpoint request: cow %q: want uffd or fork", req.COW)
+	}
 	return req, nil
 }
 
@@ -126,7 +137,7 @@ func readRequest(workPath string) (shimapi.CheckpointRequest, error) {
 // that then serves the snapshot: its uffd and pins must live in the
 // process that serves them, and the page server must outlive the task
 // and this shim (which exits once the task is deleted).
-func (s *service) runCheckpointDaemon(ctx context.Context, id string, pid int, dir string, req shimapi.CheckpointRequest) (live.CheckpointStats, *os.Process, error) {
+func (s *service) runCheckpointDaemon(ctx context.Context, id string, pid int, dir string, req shimapi.CheckpointRequest, exit bool) (live.CheckpointStats, *os.Process, error) {
 	var stats live.CheckpointStats
 	cfg := s.cfg
 	if req.Listen != "" {
@@ -145,6 +156,19 @@ func (s *service) runCheckpointDaemon(ctx context.Context, id string, pid int, d
 	if mode == "" {
 		mode = string(image.ModeLive)
 	}
+	cow := cfg.COW
+	if req.COW != "" {
+		cow = req.COW
+	}
+	if exit && cow == string(checkpoint.COWFork) {
+		// The shadow would die with the task's pid namespace: only
+		// pinned pages outlive the task.
+		if req.COW != "" {
+			return stats, nil, fmt.Errorf("checkpoint with exit: copy-on-write method fork keeps the snapshot in a process of the task, which exit kills; use uffd: %w", errdefs.ErrInvalidArgument)
+		}
+		log.G(ctx).WithField("id", id).Info("cowmig checkpoint with exit: copy-on-write method uffd instead of the configured fork")
+		cow = string(checkpoint.COWUffd)
+	}
 	stateDir := filepath.Join(cfg.StateDir, namespace(ctx))
 	if err := os.MkdirAll(stateDir, 0o700); err != nil {
 		return stats, nil, fmt.Errorf("create state dir: %w", err)
@@ -160,7 +184,7 @@ func (s *service) runCheckpointDaemon(ctx context.Context, id string, pid int, d
 		return stats, nil, fmt.Errorf("open page-server log: %w", err)
 	}
 	defer logf.Close()
-	args := []string{daemonCheckpoint, "--pid", fmt.Sprint(pid), "--image", dir, "--mode", mode,
+	args := []string{daemonCheckpoint, "--pid", fmt.Sprint(pid), "--image", dir, "--mode", mode, "--cow", cow,
 		"--listen", listen, "--advertise", cfg.Advertise, "--ttl", cfg.TTL.String(), "--max-age", cfg.MaxAge.String(),
 		"--tls-cert", cfg.TLSCert, "--tls-key", cfg.TLSKey}
 	var ec chan runcExit

@@ -10,6 +10,7 @@ import (
 
 	"github.com/pelletier/go-toml/v2"
 
+	"github.com/cowmig/cowmig/checkpoint"
 	"github.com/cowmig/cowmig/shim/shimapi"
 	"github.com/cowmig/cowmig/transport"
 )
@@ -39,6 +40,10 @@ type Config struct {
 	// RuncBinary and RuncRoot are given to the runc shim.
 	RuncBinary string `toml:"runc_binary"`
 	RuncRoot   string `toml:"runc_root"`
+	// COW is the copy-on-write method of live and full snapshots: "uffd"
+	// or "fork" (see checkpoint.COW). A checkpoint with --exit always
+	// uses uffd: a fork snapshot's shadow dies with the task.
+	COW string `toml:"cow"`
 	// StateDir holds page-server sockets and logs.
 	StateDir string `toml:"state_dir"`
 	// TLSCert and TLSKey (PEM) make page servers on TCP speak TLS;
@@ -55,6 +60,7 @@ type Duration = shimapi.Duration
 func DefaultConfig() Config {
 	return Config{
 		Listen:     "unix",
+		COW:        string(checkpoint.COWUffd),
 		TTL:        Duration{Duration: 5 * time.Minute},
 		MaxAge:     Duration{Duration: time.Hour},
 		RuncBinary: "runc",
@@ -111,6 +117,9 @@ func tomlError(err error) error {
 
 // Validate checks the page-server addresses.
 func (c Config) Validate() error {
+	if !checkpoint.COW(c.COW).Valid() {
+		return fmt.Errorf("cow %q: want uffd or fork", c.COW)
+	}
 	if (c.TLSCert == "") != (c.TLSKey == "") {
 		return errors.New("tls_cert and tls_key go together")
 	}

@@ -47,6 +47,7 @@ func pageServer(args []string) error {
 	pid := fs.Int("pid", 0, "")
 	dir := fs.String("image", "", "")
 	mode := fs.String("mode", string(image.ModeLive), "")
+	cow := fs.String("cow", string(checkpoint.COWUffd), "")
 	listen := fs.String("listen", "", "")
 	advertise := fs.String("advertise", "", "")
 	ttl := fs.Duration("ttl", 5*time.Minute, "")
@@ -62,7 +63,7 @@ func pageServer(args []string) error {
 		return daemon.ReportFailure(err)
 	}
 	return live.RunPageServer(context.Background(), *pid, *dir, live.CheckpointOptions{
-		Options:   checkpoint.Options{Mode: image.Mode(*mode), Dir: *dir},
+		Options:   checkpoint.Options{Mode: image.Mode(*mode), COW: checkpoint.COW(*cow), Dir: *dir},
 		Listen:    *listen,
 		Advertise: *advertise,
 		TLS:       tlsCfg,

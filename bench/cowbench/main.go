@@ -29,14 +29,15 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/cowmig/cowmig/checkpoint"
 	"github.com/cowmig/cowmig/checkpoint/image"
 )
 
 // config is the parsed command line.
 type config struct {
 	workloads  []workload
-	modes      []image.Mode
-	thpModes   []image.Mode
+	modes      []benchMode
+	thpModes   []benchMode
 	reps       int
 	writes     int
 	verify     bool
@@ -68,9 +69,9 @@ func main() {
 func parseFlags(args []string) (*config, error) {
 	fs := flag.NewFlagSet("cowbench", flag.ContinueOnError)
 	sizes := fs.String("sizes", "256M,1G,4G", "workload sizes (M or G suffix, MiB without)")
-	modes := fs.String("modes", "live,full,stop", "checkpoint modes, run side by side")
+	modes := fs.String("modes", "live,live-fork,full,stop", "checkpoint modes, run side by side (live-fork, full-fork: copy-on-write method fork)")
 	thp4g := fs.Bool("thp4g", true, "also run a 4 GiB MADV_HUGEPAGE workload")
-	thpModes := fs.String("thp-modes", "live,stop", "modes for the THP workload")
+	thpModes := fs.String("thp-modes", "live,live-fork,stop", "modes for the THP workload")
 	cfg := &config{}
 	fs.IntVar(&cfg.reps, "reps", 3, "repetitions per size and mode (medians are reported)")
 	fs.IntVar(&cfg.writes, "writes", 20000, "8-byte writes per write phase, each to a distinct page")
@@ -113,15 +114,15 @@ func parseFlags(args []string) (*config, error) {
 	return cfg, nil
 }
 
-func parseModes(s string) ([]image.Mode, error) {
-	var out []image.Mode
+func parseModes(s string) ([]benchMode, error) {
+	var out []benchMode
 	for _, f := range strings.Split(s, ",") {
-		m := image.Mode(strings.TrimSpace(f))
+		m := benchMode(strings.TrimSpace(f))
 		if m == "" {
 			continue
 		}
-		if !m.Valid() {
-			return nil, fmt.Errorf("unknown mode %q (live, full, stop)", m)
+		if !m.valid() {
+			return nil, fmt.Errorf("unknown mode %q (live, full, stop, live-fork, full-fork)", m)
 		}
 		out = append(out, m)
 	}
@@ -129,6 +130,23 @@ func parseModes(s string) ([]image.Mode, error) {
 		return nil, errors.New("no mode given")
 	}
 	return out, nil
+}
+
+// benchMode is a checkpoint mode, with "-fork" for the copy-on-write
+// method fork (checkpoint.COWFork); without it, uffd.
+type benchMode string
+
+func (m benchMode) mode() image.Mode { return image.Mode(strings.TrimSuffix(string(m), "-fork")) }
+
+func (m benchMode) cow() checkpoint.COW {
+	if strings.HasSuffix(string(m), "-fork") {
+		return checkpoint.COWFork
+	}
+	return checkpoint.COWUffd
+}
+
+func (m benchMode) valid() bool {
+	return m.mode().Valid() && (m.cow() == checkpoint.COWUffd || m.mode() != image.ModeStop)
 }
 
 // parseSize reads 256M, 1G, 4GiB or a bare number of MiB.
@@ -157,7 +175,7 @@ func sizeName(mib int) string {
 }
 
 // modesFor returns the modes run on w.
-func (c *config) modesFor(w workload) []image.Mode {
+func (c *config) modesFor(w workload) []benchMode {
 	if w.THP {
 		return c.thpModes
 	}

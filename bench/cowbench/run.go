@@ -27,15 +27,16 @@ var errEngine = errors.New("engine")
 
 // repResult is one measured checkpoint and restore.
 type repResult struct {
-	Workload string     `json:"workload"`
-	Mode     image.Mode `json:"mode"`
-	Rep      int        `json:"rep"`
+	Workload string    `json:"workload"`
+	Mode     benchMode `json:"mode"`
+	Rep      int       `json:"rep"`
 	// FreezeMs is the engine's freeze (seize to detach).
 	FreezeMs float64 `json:"freeze_ms"`
 	// CheckpointMs is the whole Checkpoint call.
 	CheckpointMs float64 `json:"checkpoint_ms"`
 	// WindowMs is the COW window: from the end of the freeze until
-	// WindowClosed (live) or until Checkpoint returned (full); 0 for stop.
+	// WindowClosed (live) or until Checkpoint returned (full); 0 for stop
+	// and -1 for live-fork, whose window lasts until the release.
 	WindowMs float64 `json:"window_ms"`
 	// Base is the write phase before the checkpoint, Win the one started
 	// right after the freeze; WinOverlap is the fraction of Win's duration
@@ -62,7 +63,7 @@ type repResult struct {
 
 // runRep runs one rep: workload, baseline writes, checkpoint with a write
 // phase in the window, restore, serve, verify, teardown.
-func runRep(ctx context.Context, cfg *config, bin string, w workload, mode image.Mode, rep int) (res *repResult, err error) {
+func runRep(ctx context.Context, cfg *config, bin string, w workload, mode benchMode, rep int) (res *repResult, err error) {
 	// A hung engine must not hang the benchmark; a 4 GiB rep takes < 1 min.
 	ctx, cancel := context.WithTimeout(ctx, repTimeout)
 	defer cancel()
@@ -110,8 +111,9 @@ func runRep(ctx context.Context, cfg *config, bin string, w workload, mode image
 // full, whose window (the drain) ends inside Checkpoint, a watcher signals
 // as soon as the engine detaches; for stop there is no window and the
 // phase runs after Checkpoint returns.
-func checkpointPhase(ctx context.Context, m *memload, mode image.Mode, dir, sock string, res *repResult) (*live.Source, error) {
-	o := live.CheckpointOptions{Options: checkpoint.Options{Mode: mode, Dir: dir}}
+func checkpointPhase(ctx context.Context, m *memload, bm benchMode, dir, sock string, res *repResult) (*live.Source, error) {
+	mode := bm.mode()
+	o := live.CheckpointOptions{Options: checkpoint.Options{Mode: mode, COW: bm.cow(), Dir: dir}}
 	if mode == image.ModeLive {
 		o.Listen = "unix:" + sock
 	}
@@ -145,9 +147,12 @@ func checkpointPhase(ctx context.Context, m *memload, mode image.Mode, dir, sock
 
 	var winEnd time.Time
 	var closed <-chan struct{}
+	forkWindow := false
 	switch mode {
 	case image.ModeLive:
-		if src.Result.Snapshot != nil {
+		if bm.cow() == checkpoint.COWFork {
+			forkWindow = true // open until the release, after the restore
+		} else if src.Result.Snapshot != nil {
 			closed = src.Result.Snapshot.WindowClosed()
 		} else {
 			winEnd = winStart
@@ -190,7 +195,9 @@ func checkpointPhase(ctx context.Context, m *memload, mode image.Mode, dir, sock
 		src.Close()
 		return nil, err2
 	}
-	if mode != image.ModeStop {
+	if forkWindow {
+		res.WindowMs, res.WinOverlap = -1, 1
+	} else if mode != image.ModeStop {
 		res.WindowMs = ms(winEnd.Sub(winStart))
 		if phase := time.Duration(res.Win.TotalUs) * time.Microsecond; phase > 0 {
 			res.WinOverlap = min(1, max(0, float64(winEnd.Sub(sentAt))/float64(phase)))

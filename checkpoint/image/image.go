@@ -85,6 +85,9 @@ type Stats struct {
 	PagesTotal uint64 `json:"pages_total"` // populated pages in the snapshot
 	PagesEager uint64 `json:"pages_eager"` // pages stored in pages.img
 	PagesLazy  uint64 `json:"pages_lazy"`  // pages served by the page server
+	// COW is how the snapshot kept the pages overwritten after it
+	// (live and full): "uffd" or "fork".
+	COW string `json:"cow,omitempty"`
 }
 
 // Process is one checkpointed process.

@@ -41,11 +41,97 @@ func (p *Process) CloneThread(in int, tid int) error {
 func (p *Process) CloneProcess(pid int) (*Process, error) {
 	var c *Process
 	err := p.do(func() error {
+		if !p.opts.TraceClone {
+			return fmt.Errorf("clone process: Options.TraceClone not set: %w", unix.EINVAL)
+		}
 		var err error
-		c, err = p.cloneProcess(pid)
+		c, err = p.cloneProcess(pid, 0, uint64(unix.SIGCHLD), unix.PTRACE_EVENT_FORK)
 		return err
 	})
 	return c, err
+}
+
+// shadowFlags share the fd table and fs info with the shadow: its copy
+// of the fd table would hold a reference to every open file, and keep a
+// connection the process closes open towards its peer.
+const shadowFlags = unix.CLONE_FILES | unix.CLONE_FS
+
+// Shadow forks p's leader into a copy-on-write shadow of its memory: a
+// child made by clone3 (CLONE_FILES|CLONE_FS, exit_signal 0, so the
+// parent gets no SIGCHLD and wait(2) without __WALL never sees it) that
+// never runs a single instruction of its own. It is returned attached and
+// stopped, served by p's tracer thread, which stays alive until the shadow
+// is killed. The shadow carries PTRACE_O_EXITKILL from birth: if the
+// tracer thread dies, the kernel kills it rather than let it run the
+// process's code. Its memory reads, with ReadMem or process_vm_readv of
+// its Pid, as p's did at the fork, whatever p does afterwards; kill it
+// with Kill. Its name (comm) is set to name (at most 15 bytes), so that
+// it can be told apart in ps and in /proc. Killed, it stays a zombie child
+// of p until p waits for it with __WCLONE or __WALL, or exits.
+//
+// Options.TraceClone is not needed: the clone events are switched on in
+// the leader for the one call.
+func (p *Process) Shadow(name string) (*Process, error) {
+	if len(name) == 0 || len(name) > 15 {
+		return nil, fmt.Errorf("shadow: name %q: want 1 to 15 bytes: %w", name, unix.EINVAL)
+	}
+	var c *Process
+	err := p.do(func() error {
+		th, err := p.thread(0)
+		if err != nil {
+			return err
+		}
+		opts := p.opts.ptraceOptions(true)
+		if err := ptraceRaw(unix.PTRACE_SETOPTIONS, th.tid, 0, uintptr(opts|unix.PTRACE_O_TRACECLONE|unix.PTRACE_O_EXITKILL)); err != nil {
+			return goneErr(th, fmt.Errorf("shadow: set options: %w", err))
+		}
+		c, err = p.cloneProcess(0, shadowFlags, 0, unix.PTRACE_EVENT_CLONE)
+		if rerr := ptraceRaw(unix.PTRACE_SETOPTIONS, th.tid, 0, uintptr(opts)); rerr != nil {
+			rerr = goneErr(th, fmt.Errorf("shadow: reset options: %w", rerr))
+			if c != nil {
+				rerr = errors.Join(rerr, c.killLocked())
+				c = nil
+			}
+			return errors.Join(err, rerr)
+		}
+		if err != nil {
+			return fmt.Errorf("shadow: %w", err)
+		}
+		if err := c.setName(name); err != nil {
+			return errors.Join(fmt.Errorf("shadow: %w", err), c.killLocked())
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	return c, nil
+}
+
+// setName sets the comm of a stopped single-threaded Process with an
+// injected prctl(PR_SET_NAME), the name written to its scratch mapping.
+//
+// Preconditions: runs on the tracer goroutine.
+func (c *Process) setName(name string) error {
+	th, err := c.thread(0)
+	if err != nil {
+		return err
+	}
+	base, err := c.scratchAddr()
+	if err != nil {
+		return err
+	}
+	if err := c.WriteMem(base, append([]byte(name), 0)); err != nil {
+		return fmt.Errorf("set name: %w", err)
+	}
+	ret, err := c.inject(th, unix.SYS_PRCTL, [6]uintptr{unix.PR_SET_NAME, uintptr(base)}, nil)
+	if err == nil && ret != 0 {
+		err = unix.Errno(-int64(ret))
+	}
+	if err != nil {
+		return fmt.Errorf("set name: prctl: %w", err)
+	}
+	return nil
 }
 
 // cloneThread is CloneThread on the tracer goroutine.
@@ -75,16 +161,17 @@ func (p *Process) cloneThread(in, tid int) error {
 	return nil
 }
 
-// cloneProcess is CloneProcess on the tracer goroutine.
-func (p *Process) cloneProcess(pid int) (_ *Process, err error) {
-	if !p.opts.TraceClone {
-		return nil, fmt.Errorf("clone process: Options.TraceClone not set: %w", unix.EINVAL)
-	}
+// cloneProcess injects clone3 with flags (no CLONE_VM or CLONE_THREAD)
+// and exitSignal into p's leader, which reports the ptrace event want, and
+// returns the child (pid: its id in p's namespace; 0: any).
+//
+// Preconditions: runs on the tracer goroutine.
+func (p *Process) cloneProcess(pid int, flags, exitSignal uint64, want int) (_ *Process, err error) {
 	th, err := p.thread(0)
 	if err != nil {
 		return nil, err
 	}
-	newPid, ret, err := p.clone3(th, 0, uint64(unix.SIGCHLD), pid, unix.PTRACE_EVENT_FORK)
+	newPid, ret, err := p.clone3(th, flags, exitSignal, pid, want)
 	if newPid == 0 {
 		return nil, fmt.Errorf("clone process %d: %w", pid, err)
 	}

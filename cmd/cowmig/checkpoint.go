@@ -28,6 +28,7 @@ type checkpointFlags struct {
 	pid       int
 	dir       string
 	mode      string
+	cow       string
 	listen    string
 	ttl       time.Duration
 	maxAge    time.Duration
@@ -46,6 +47,7 @@ func (c *checkpointFlags) parse(args []string) error {
 	fs.IntVar(&c.pid, "pid", 0, "process to checkpoint")
 	fs.StringVar(&c.dir, "image", "", "image directory")
 	fs.StringVar(&c.mode, "mode", "live", "live, full or stop")
+	fs.StringVar(&c.cow, "cow", "", "copy-on-write method of live and full snapshots: uffd (default: write-protect and pin; copies paid by the page server) or fork (a shadow process; shorter freeze, copies paid by the process)")
 	fs.StringVar(&c.listen, "listen", "", "page-server address (unix:PATH or tcp:HOST:PORT); default unix:IMAGE/pages.sock")
 	fs.DurationVar(&c.ttl, "ttl", 5*time.Minute, "keep serving this long after the checkpoint once a client fetched everything")
 	fs.DurationVar(&c.maxAge, "max-age", 24*time.Hour, "release the snapshot after this long in any case (0: never)")
@@ -85,6 +87,9 @@ func (c *checkpointFlags) parse(args []string) error {
 	if !image.Mode(c.mode).Valid() {
 		return fmt.Errorf("--mode %q: want live, full or stop", c.mode)
 	}
+	if c.cow != "" && !checkpoint.COW(c.cow).Valid() {
+		return fmt.Errorf("--cow %q: want uffd or fork", c.cow)
+	}
 	abs, err := filepath.Abs(c.dir)
 	if err != nil {
 		return err
@@ -99,7 +104,7 @@ func (c *checkpointFlags) parse(args []string) error {
 func (c *checkpointFlags) options() (live.CheckpointOptions, error) {
 	tlsCfg, err := live.TLSFiles{Cert: c.tlsCert, Key: c.tlsKey}.Server()
 	return live.CheckpointOptions{
-		Options:   checkpoint.Options{Mode: image.Mode(c.mode), Dir: c.dir, PipeSize: c.pipeSize, LeaveChildren: c.leaveKids},
+		Options:   checkpoint.Options{Mode: image.Mode(c.mode), COW: checkpoint.COW(c.cow), Dir: c.dir, PipeSize: c.pipeSize, LeaveChildren: c.leaveKids},
 		Listen:    c.listen,
 		Advertise: c.advertise,
 		TLS:       tlsCfg,
@@ -116,7 +121,7 @@ func runCheckpoint(args []string) error {
 		return fmt.Errorf("create image dir: %w", err)
 	}
 	if c.address != "" {
-		req := shimapi.CheckpointRequest{Mode: c.mode, Listen: c.listen, Advertise: c.advertise}
+		req := shimapi.CheckpointRequest{Mode: c.mode, COW: c.cow, Listen: c.listen, Advertise: c.advertise}
 		if c.set["ttl"] {
 			req.TTL = &shimapi.Duration{Duration: c.ttl}
 		}

@@ -53,6 +53,9 @@ func runInspect(args []string) error {
 	w := tabwriter.NewWriter(os.Stdout, 0, 8, 2, ' ', 0)
 	fmt.Fprintf(w, "image %s: mode %s, snapshot %s, froze %.2f ms, %d pages (%d eager, %d lazy)\n",
 		dir, img.Mode, img.SnapshotID, float64(img.Stats.FreezeNs)/1e6, img.Stats.PagesTotal, img.Stats.PagesEager, img.Stats.PagesLazy)
+	if img.Stats.COW != "" {
+		fmt.Fprintf(w, "copy-on-write: %s\n", img.Stats.COW)
+	}
 	if img.Endpoint != "" {
 		fmt.Fprintf(w, "page server: %s\n", img.Endpoint)
 	}

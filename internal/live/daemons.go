@@ -25,8 +25,11 @@ func RunPageServer(ctx context.Context, pid int, dir string, o CheckpointOptions
 	st.ServerPid = os.Getpid()
 	daemon.Report(st)
 	log := daemon.Log()
-	fmt.Fprintf(log, "%s page server: pid %d snapshot %s (%d lazy pages) at %s\n",
-		time.Now().Format(time.RFC3339Nano), pid, img.SnapshotID, img.Stats.PagesLazy, img.Endpoint)
+	fmt.Fprintf(log, "%s page server: pid %d snapshot %s (%d lazy pages, copy-on-write %s) at %s\n",
+		time.Now().Format(time.RFC3339Nano), pid, img.SnapshotID, img.Stats.PagesLazy, img.Stats.COW, img.Endpoint)
+	if st.ShadowPid != 0 {
+		fmt.Fprintf(log, "%s page server: the snapshot is held by shadow process %d until released\n", time.Now().Format(time.RFC3339Nano), st.ShadowPid)
+	}
 	err = errors.Join(src.Wait(ctx, ttl, maxAge), src.Close())
 	fmt.Fprintf(log, "%s page server: snapshot %s released (%v)\n", time.Now().Format(time.RFC3339Nano), img.SnapshotID, err)
 	return err

@@ -6,6 +6,8 @@ import "time"
 // them, and the shim reports them to its clients.
 type CheckpointStats struct {
 	Mode       string             `json:"mode"`
+	COW        string             `json:"cow,omitempty"` // uffd or fork (live and full)
+	ShadowPid  int                `json:"shadow_pid,omitempty"`
 	Image      string             `json:"image"`
 	Pid        int                `json:"pid"`
 	FreezeMs   float64            `json:"freeze_ms"`
@@ -27,13 +29,16 @@ type CheckpointStats struct {
 func (s *Source) Stats(dir string, pid int) CheckpointStats {
 	img := s.Result.Image
 	st := CheckpointStats{
-		Mode: string(img.Mode), Image: dir, Pid: pid,
+		Mode: string(img.Mode), COW: img.Stats.COW, Image: dir, Pid: pid,
 		FreezeMs:   Ms(s.Result.Freeze),
 		PagesTotal: img.Stats.PagesTotal, PagesEager: img.Stats.PagesEager, PagesLazy: img.Stats.PagesLazy,
 		Endpoint: img.Endpoint, PhasesMs: map[string]float64{},
 	}
 	for _, p := range s.Result.Phases {
 		st.PhasesMs[p.Name] += Ms(p.D)
+	}
+	if s.Result.Snapshot != nil {
+		st.ShadowPid = s.Result.Snapshot.ShadowPid()
 	}
 	return st
 }

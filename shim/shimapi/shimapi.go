@@ -33,6 +33,7 @@ const (
 // CheckpointRequest overrides the shim's config for one checkpoint.
 type CheckpointRequest struct {
 	Mode      string `json:"mode,omitempty"`
+	COW       string `json:"cow,omitempty"` // uffd or fork; "" means the shim's config
 	Listen    string `json:"listen,omitempty"`
 	Advertise string `json:"advertise,omitempty"`
 	// TTL and MaxAge override the config when set (0 is a value: for

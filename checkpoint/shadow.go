@@ -1,0 +1,238 @@
+package checkpoint
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"strings"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/cowmig/cowmig/checkpoint/image"
+	"github.com/cowmig/cowmig/checkpoint/procfs"
+)
+
+// COW is how a live or full snapshot keeps the pages the process
+// overwrites after the snapshot instant.
+//
+//   - COWUffd (the default): the anonymous memory is write-protected with
+//     userfaultfd and every populated page pinned in pipes while frozen; a
+//     write fault saves the page before the write goes on, and a drain
+//     copies the rest into the page server's memory. The copies belong to
+//     the page server: the process's memory cgroup does not pay for them.
+//   - COWFork: while frozen, the process is forked into a shadow (a child
+//     stopped under ptrace before its first instruction, see
+//     inject.Process.Shadow). The kernel's own copy-on-write keeps the
+//     shadow's memory as it was at the fork, and the page server reads it
+//     from there. The freeze costs a page-table copy instead of a
+//     protection pass and a pin (~2.5x shorter at 4 KiB pages, far shorter
+//     with huge pages); a first write to a page costs a kernel COW fault
+//     instead of a round trip to the page server; nothing is copied that
+//     the process does not overwrite. But the copies are the process's
+//     own, charged to its memory cgroup; the shadow is a process in its
+//     pid namespace and cgroup (named cowmig-shadow, counted by pids.max)
+//     until the snapshot is released; and it dies with the pid namespace:
+//     a container whose init exits loses the snapshot (the restore then
+//     fails closed).
+type COW string
+
+// Copy-on-write methods.
+const (
+	COWUffd COW = "uffd"
+	COWFork COW = "fork"
+)
+
+// Valid reports whether c is a known method.
+func (c COW) Valid() bool { return c == COWUffd || c == COWFork }
+
+// shadowName is the comm of a shadow process.
+const shadowName = "cowmig-shadow"
+
+// IsShadow reports whether pid is the shadow process of a fork snapshot
+// (see COW): not part of the workload.
+func IsShadow(pid int) bool {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/comm", pid))
+	return err == nil && strings.TrimSpace(string(b)) == shadowName
+}
+
+// shadowSnapshot forks the frozen target into a shadow that holds runs and
+// records them in p. It runs while the target is frozen, last.
+func (d *dumper) shadowSnapshot(p *image.Process, runs []pinRun) (*Snapshot, error) {
+	s := &Snapshot{proc: p.ID, stop: make(chan struct{}), windowEnd: make(chan struct{})}
+	var at uint64
+	for _, r := range runs {
+		n := r.npages * image.PageSize
+		s.segs = append(s.segs, pinSeg{addr: r.addr, end: r.addr + n, at: at})
+		at += n
+	}
+	sh, err := d.tr.Shadow(shadowName)
+	if err != nil {
+		return nil, fmt.Errorf("fork shadow of pid %d (copy-on-write method fork; uffd does not need one): %w", d.pid, err)
+	}
+	s.shadow = sh
+	s.lost = make(chan struct{})
+	if err := s.watchShadow(); err != nil {
+		s.killShadow()
+		return nil, err
+	}
+	s.planned.Store(true)
+	d.recordRuns(s, p)
+	d.mark("fork")
+	return s, nil
+}
+
+// watchShadow reaps the shadow as soon as it dies before its release (a
+// SIGKILL, or the end of its pid namespace when a container's init
+// exits). It must: a dead tracee stays a zombie until its tracer waits for
+// it, and its parent's exit (zap_pid_ns_processes for a namespace's init)
+// would wait for it too. The snapshot is lost then; Lost says so.
+func (s *Snapshot) watchShadow() error {
+	fd, err := unix.PidfdOpen(s.shadow.Pid(), 0)
+	if err != nil {
+		return fmt.Errorf("watch shadow %d: pidfd_open: %w", s.shadow.Pid(), err)
+	}
+	s.wg.Add(1)
+	go func() {
+		defer s.wg.Done()
+		defer unix.Close(fd)
+		// Readable once the shadow has exited; Release kills it, so the
+		// poll always ends.
+		fds := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
+		for {
+			if _, err := unix.Poll(fds, -1); err == nil || err != unix.EINTR {
+				break
+			}
+		}
+		s.shadowMu.RLock()
+		gone := s.shadowGone
+		s.shadowMu.RUnlock()
+		if !gone {
+			s.setErr(fmt.Errorf("shadow process %d of the snapshot died: %w", s.shadow.Pid(), ErrSnapshotLost))
+		}
+		s.killShadow() // reaps it
+		close(s.lost)
+	}()
+	return nil
+}
+
+// ErrSnapshotLost is the error of a fork snapshot whose shadow died
+// before the snapshot was released.
+var ErrSnapshotLost = errors.New("snapshot lost")
+
+// Lost is closed when the snapshot can no longer serve pages it did not
+// copy already: a fork snapshot's shadow is dead (Err says why, unless
+// Release killed it). It is nil (never ready) for a uffd snapshot.
+func (s *Snapshot) Lost() <-chan struct{} { return s.lost }
+
+// readShadow copies the shadow's memory at [addr, addr+len(buf)), which
+// must lie in the snapshot's runs, into buf.
+func (s *Snapshot) readShadow(addr uint64, buf []byte) error {
+	s.shadowMu.RLock()
+	defer s.shadowMu.RUnlock()
+	if s.shadowGone {
+		if err := s.Err(); err != nil {
+			return err
+		}
+		return ErrReleased
+	}
+	pid := s.shadow.Pid()
+	for len(buf) > 0 {
+		i := s.findSeg(addr)
+		if i < 0 {
+			return fmt.Errorf("read %#x: %w", addr, ErrNotInSnapshot)
+		}
+		n := min(uint64(len(buf)), s.segs[i].end-addr)
+		// The shadow cannot be reaped (its pid reused) while shadowMu is
+		// held: only killShadow reaps it, under the write lock.
+		for done := uint64(0); done < n; {
+			local := []unix.Iovec{{Base: &buf[done], Len: n - done}}
+			remote := []unix.RemoteIovec{{Base: uintptr(addr + done), Len: int(n - done)}}
+			k, err := unix.ProcessVMReadv(pid, local, remote, 0)
+			if err == nil && k == 0 {
+				err = unix.EIO
+			}
+			if errors.Is(err, unix.ESRCH) {
+				err = fmt.Errorf("%w: %w", ErrSnapshotLost, err) // the shadow died
+			}
+			if err != nil {
+				err = fmt.Errorf("read shadow %d at %#x+%#x: %w", pid, addr+done, n-done, err)
+				s.setErr(err)
+				return err
+			}
+			done += uint64(k)
+		}
+		buf = buf[n:]
+		addr += n
+	}
+	return nil
+}
+
+// drainShadow copies the whole snapshot into pages.img (full mode).
+func (s *Snapshot) drainShadow(ctx context.Context) error {
+	const chunk = 4 << 20
+	buf := make([]byte, chunk)
+	for _, sg := range s.segs {
+		for a := sg.addr; a < sg.end; a += chunk {
+			if err := ctx.Err(); err != nil {
+				return err
+			}
+			n := min(uint64(chunk), sg.end-a)
+			if err := s.readShadow(a, buf[:n]); err != nil {
+				return err
+			}
+			if _, err := s.pages.WriteAt(buf[:n], int64(s.pagesBase+sg.at+(a-sg.addr))); err != nil {
+				return fmt.Errorf("write pages file: %w", err)
+			}
+		}
+	}
+	return nil
+}
+
+// killShadow kills and reaps the shadow (it then waits as a zombie for its
+// parent, the target: see reapShadows). Idempotent.
+func (s *Snapshot) killShadow() {
+	if s.shadow == nil {
+		return
+	}
+	s.shadowMu.Lock()
+	defer s.shadowMu.Unlock()
+	if s.shadowGone {
+		return
+	}
+	s.shadowGone = true
+	if err := s.shadow.Kill(); err != nil && !errors.Is(err, unix.ESRCH) {
+		s.setErr(fmt.Errorf("kill shadow %d: %w", s.shadow.Pid(), err))
+	}
+}
+
+// reapShadows collects, from inside the frozen target, the zombies the
+// shadows of its earlier fork snapshots left (their parent is the target,
+// and with exit signal 0 no wait(2) of the target's own sees them). Live
+// shadows (snapshots still served) are left alone.
+func (d *dumper) reapShadows(shadows []int) error {
+	for _, pid := range shadows {
+		st, err := procfs.ReadStatus(pid, pid)
+		if err != nil || !strings.HasPrefix(st.State, "Z") || len(st.NSpid) == 0 {
+			continue // gone, or still serving
+		}
+		nspid := st.NSpid[len(st.NSpid)-1]
+		ret, err := d.tr.Syscall(0, unix.SYS_WAIT4, uintptr(nspid), 0, unix.WNOHANG|unix.WALL, 0)
+		if err != nil {
+			return fmt.Errorf("reap shadow %d: %w", pid, err)
+		}
+		if e := int64(ret); e < 0 && e != -int64(unix.ECHILD) {
+			return fmt.Errorf("reap shadow %d: wait4: %w", pid, unix.Errno(-e))
+		}
+	}
+	return nil
+}
+
+// ShadowPid is the pid (in the caller's namespace) of a fork snapshot's
+// shadow process; 0 for a uffd snapshot.
+func (s *Snapshot) ShadowPid() int {
+	if s.shadow == nil {
+		return 0
+	}
+	return s.shadow.Pid()
+}
