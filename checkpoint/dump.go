@@ -344,23 +344,18 @@ func (d *dumper) threads(p *image.Process) error {
 	if err != nil {
 		return fmt.Errorf("scratch memory: %w", err)
 	}
-	for _, tid := range d.tr.Threads() {
-		r, err := d.tr.Regs(tid)
-		if err != nil {
-			return fmt.Errorf("thread %d: read registers: %w", tid, err)
-		}
-		xs, err := d.tr.XState(tid)
-		if err != nil {
-			return fmt.Errorf("thread %d: read xstate: %w", tid, err)
-		}
+	states, shared, err := d.tr.ThreadStates()
+	if err != nil {
+		return fmt.Errorf("read thread state: %w", err)
+	}
+	tids := make([]int, 0, len(states))
+	for _, ts := range states {
+		tid := ts.Tid
+		tids = append(tids, tid)
 		if d.img.XSaveSize == 0 {
-			d.img.XSaveSize = len(xs)
+			d.img.XSaveSize = len(ts.XState)
 		}
-		mask, err := d.tr.SigMask(tid)
-		if err != nil {
-			return fmt.Errorf("thread %d: read sigmask: %w", tid, err)
-		}
-		t := image.Thread{Tid: tid, Regs: regsToImage(r), XState: xs, SigMask: mask}
+		t := image.Thread{Tid: tid, Regs: regsToImage(ts.Regs), XState: ts.XState, SigMask: ts.SigMask}
 		if st, err := procfs.ReadStatus(d.pid, tid); err == nil {
 			// The tid the thread sees is the innermost NSpid.
 			if len(st.NSpid) > 0 {
@@ -368,20 +363,15 @@ func (d *dumper) threads(p *image.Process) error {
 			}
 			t.Comm = st.Name
 		}
-		if rs, err := d.tr.Rseq(tid); err == nil && rs.Addr != 0 {
-			t.RseqAddr, t.RseqLen, t.RseqSig = rs.Addr, rs.Len, rs.Sig
-		} else if err != nil {
-			return fmt.Errorf("thread %d: read rseq: %w", tid, err)
+		if ts.Rseq.Addr != 0 {
+			t.RseqAddr, t.RseqLen, t.RseqSig = ts.Rseq.Addr, ts.Rseq.Len, ts.Rseq.Sig
 		}
-		if t.Pending, err = d.pending(tid, false); err != nil {
-			return err
-		}
+		t.Pending = siginfos(ts.Pending)
 		p.Threads = append(p.Threads, t)
 	}
 	// sigaltstack(NULL, &old) and prctl(PR_GET_TID_ADDRESS, &addr) run in
 	// each thread itself (per-thread state), in one hand-off to the
 	// tracer: this is freeze time.
-	tids := d.tr.Threads() // not inside Batch: Process methods would deadlock there
 	err = d.tr.Batch(func(b *inject.Batch) error {
 		for i, tid := range tids {
 			t := &p.Threads[i]
@@ -405,24 +395,18 @@ func (d *dumper) threads(p *image.Process) error {
 	if err != nil {
 		return err
 	}
-	shared, err := d.pending(d.pid, true)
-	p.SharedPending = shared
-	return err
+	p.SharedPending = siginfos(shared)
+	return nil
 }
 
-// pending reads the queued signals of a thread (or the shared queue)
-// without dequeuing them.
-func (d *dumper) pending(tid int, shared bool) ([]image.Siginfo, error) {
-	sis, err := d.tr.PendingSignals(tid, shared)
-	if err != nil {
-		return nil, fmt.Errorf("thread %d: read pending signals: %w", tid, err)
-	}
+// siginfos turns queued signals into their image form.
+func siginfos(sis []inject.Siginfo) []image.Siginfo {
 	var out []image.Siginfo
 	for _, si := range sis {
 		raw := (*[128]byte)(unsafe.Pointer(&si))[:]
 		out = append(out, image.Siginfo{Signo: int(si.Signo), Raw: append([]byte(nil), raw...)})
 	}
-	return out, nil
+	return out
 }
 
 func (d *dumper) sigactions(p *image.Process, st *procfs.Status) error {

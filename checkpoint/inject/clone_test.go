@@ -5,9 +5,11 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -145,4 +147,50 @@ func TestCloneErrors(t *testing.T) {
 		t.Fatal(err)
 	}
 	before.unchanged(t, tg.pid)
+}
+
+// Shadow forks a stopped copy of a multi-threaded target: named as asked,
+// exit signal 0, child of the target, in a tracing stop; the target is
+// left as found and runs on; Kill leaves a zombie of the target's.
+func TestShadow(t *testing.T) {
+	needTarget(t)
+	defer checkFdLeak(t)
+	tg := startTarget(t, "threads", nil)
+	before := takeSnapshot(t, tg.pid)
+	p := seizeT(t, tg.pid, Options{SuspendSeccomp: true})
+	t0 := time.Now()
+	sh, err := p.Shadow("test-shadow")
+	if err != nil {
+		t.Fatalf("shadow: %v", err)
+	}
+	t.Logf("shadow %d in %v", sh.Pid(), time.Since(t0))
+	if err := p.Detach(); err != nil {
+		t.Fatalf("detach: %v", err)
+	}
+	before.unchanged(t, tg.pid)
+	if got := tg.ask(t, "check"); got != "running" {
+		t.Fatalf("target after shadow: %q, want running", got)
+	}
+	stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", sh.Pid()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Fields after "(comm) ": state ppid ... exit_signal is field 38.
+	i := strings.LastIndexByte(string(stat), ')')
+	f := strings.Fields(string(stat[i+2:]))
+	if !strings.Contains(string(stat), "(test-shadow) t ") || f[1] != strconv.Itoa(tg.pid) || f[35] != "0" {
+		t.Fatalf("shadow stat %q: want comm test-shadow, tracing stop, ppid %d, exit signal 0", stat, tg.pid)
+	}
+	if st := statusField(t, fmt.Sprintf("/proc/%d/status", sh.Pid()), "Threads"); st != "1" {
+		t.Fatalf("shadow has %s threads, want 1", st)
+	}
+	if err := sh.Kill(); err != nil {
+		t.Fatalf("kill shadow: %v", err)
+	}
+	if s := procState(sh.Pid()); s != 'Z' {
+		t.Fatalf("killed shadow in state %q, want a zombie awaiting the target", s)
+	}
+	if _, err := p.Shadow("x"); !errors.Is(err, ErrClosed) {
+		t.Fatalf("shadow of a detached process: %v, want ErrClosed", err)
+	}
 }

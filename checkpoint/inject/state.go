@@ -110,20 +110,25 @@ func (p *Process) XState(tid int) ([]byte, error) {
 		if err != nil {
 			return err
 		}
-		size := p.xstateSize
-		if size == 0 {
-			size = maxXStateSize
-		}
-		b := make([]byte, size)
-		n, err := ptraceGetRegSet(th.tid, unix.NT_X86_XSTATE, b)
-		if err != nil {
-			return goneErr(th, fmt.Errorf("get xstate of %d: %w", th.tid, err))
-		}
-		p.xstateSize = n
-		out = b[:n]
-		return nil
+		out, err = p.xstate(th)
+		return err
 	})
 	return out, err
+}
+
+// xstate is XState on the tracer goroutine.
+func (p *Process) xstate(th *thread) ([]byte, error) {
+	size := p.xstateSize
+	if size == 0 {
+		size = maxXStateSize
+	}
+	b := make([]byte, size)
+	n, err := ptraceGetRegSet(th.tid, unix.NT_X86_XSTATE, b)
+	if err != nil {
+		return nil, goneErr(th, fmt.Errorf("get xstate of %d: %w", th.tid, err))
+	}
+	p.xstateSize = n
+	return b[:n], nil
 }
 
 // SetXState sets thread tid's extended FPU state (PTRACE_SETREGSET
@@ -178,14 +183,18 @@ func (p *Process) Rseq(tid int) (RseqConfig, error) {
 		if err != nil {
 			return err
 		}
-		k, err := ptraceGetRseq(th.tid)
-		if err != nil {
-			return goneErr(th, fmt.Errorf("get rseq of %d: %w", th.tid, err))
-		}
-		c = RseqConfig{Addr: k.Addr, Len: k.Len, Flags: k.Flags, Sig: k.Sig}
-		return nil
+		c, err = rseq(th)
+		return err
 	})
 	return c, err
+}
+
+func rseq(th *thread) (RseqConfig, error) {
+	k, err := ptraceGetRseq(th.tid)
+	if err != nil {
+		return RseqConfig{}, goneErr(th, fmt.Errorf("get rseq of %d: %w", th.tid, err))
+	}
+	return RseqConfig{Addr: k.Addr, Len: k.Len, Flags: k.Flags, Sig: k.Sig}, nil
 }
 
 // PendingSignals returns the signals queued for thread tid (shared: the
@@ -197,17 +206,68 @@ func (p *Process) PendingSignals(tid int, shared bool) ([]Siginfo, error) {
 		if err != nil {
 			return err
 		}
-		var buf [32]Siginfo
-		for {
-			n, err := ptracePeekSiginfo(th.tid, uint64(len(out)), shared, buf[:])
-			if err != nil {
-				return goneErr(th, fmt.Errorf("peek siginfo of %d: %w", th.tid, err))
-			}
-			out = append(out, buf[:n]...)
-			if n < len(buf) {
-				return nil
-			}
-		}
+		out, err = pending(th, shared)
+		return err
 	})
 	return out, err
+}
+
+func pending(th *thread, shared bool) ([]Siginfo, error) {
+	var out []Siginfo
+	var buf [32]Siginfo
+	for {
+		n, err := ptracePeekSiginfo(th.tid, uint64(len(out)), shared, buf[:])
+		if err != nil {
+			return nil, goneErr(th, fmt.Errorf("peek siginfo of %d: %w", th.tid, err))
+		}
+		out = append(out, buf[:n]...)
+		if n < len(buf) {
+			return out, nil
+		}
+	}
+}
+
+// ThreadState is what a dump records of one stopped thread.
+type ThreadState struct {
+	Tid     int
+	Regs    unix.PtraceRegs // as Regs
+	XState  []byte
+	SigMask uint64 // as SigMask
+	Rseq    RseqConfig
+	Pending []Siginfo // the thread's own queue
+}
+
+// ThreadStates returns the state of every attached thread, leader first,
+// and the process-wide queue of pending signals, in one request to the
+// tracer thread: a request costs two hand-offs between OS threads, more
+// than the ptrace calls it makes here.
+func (p *Process) ThreadStates() ([]ThreadState, []Siginfo, error) {
+	var out []ThreadState
+	var shared []Siginfo
+	err := p.do(func() error {
+		for _, th := range p.threads {
+			if th.gone {
+				continue
+			}
+			ts := ThreadState{Tid: th.tid, Regs: th.saved, SigMask: th.mask}
+			var err error
+			if ts.XState, err = p.xstate(th); err != nil {
+				return err
+			}
+			if ts.Rseq, err = rseq(th); err != nil {
+				return err
+			}
+			if ts.Pending, err = pending(th, false); err != nil {
+				return err
+			}
+			out = append(out, ts)
+		}
+		th, err := p.anyThread()
+		if err != nil {
+			return err
+		}
+		shared, err = pending(th, true)
+		return err
+	})
+	return out, shared, err
 }
