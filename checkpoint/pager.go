@@ -28,9 +28,41 @@ type child struct {
 	lazy *uffd.Lazy
 }
 
+// PageViewer is an optional interface of a PageFetcher that holds fetched
+// pages in memory of its own (a readahead): the background fill then
+// copies them into the clone straight from there (uffd.ViewFetcher),
+// saving a copy per byte.
+type PageViewer interface {
+	// FetchView calls fn with process proc's snapshot content of
+	// [addr, addr+m) for some 0 < m <= n, page aligned, if it holds that
+	// page, and reports whether it did. data is valid only during fn; fn's
+	// error is returned as is.
+	FetchView(ctx context.Context, proc uint32, addr uint64, n int, fn func(data []byte) error) (bool, error)
+}
+
+// viewFetcherFor is fetcherFor for a PageFetcher that is a PageViewer.
+type viewFetcherFor struct {
+	fetcherFor
+	v PageViewer
+}
+
+func (f viewFetcherFor) FetchView(addr uint64, n int, fn func([]byte) error) (bool, error) {
+	return f.v.FetchView(f.ctx, f.proc, addr, n, fn)
+}
+
+// withViews adds FetchView to f when the fetcher under it offers it.
+func withViews(f uffd.PageFetcher) uffd.PageFetcher {
+	if ff, ok := f.(fetcherFor); ok {
+		if v, ok := ff.f.(PageViewer); ok {
+			return viewFetcherFor{fetcherFor: ff, v: v}
+		}
+	}
+	return f
+}
+
 // newLazy builds the server for u, which follows forks.
 func (p *pager) newLazy(u *uffd.FD) (*uffd.Lazy, error) {
-	l, err := uffd.NewLazy(u, p.ranges, p.zero, p.fetch, p.batch)
+	l, err := uffd.NewLazy(u, p.ranges, p.zero, withViews(p.fetch), p.batch)
 	if err != nil {
 		return nil, err
 	}

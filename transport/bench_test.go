@@ -57,16 +57,21 @@ func BenchmarkStream(b *testing.B) {
 		name  string
 		ctx   context.Context
 		chunk int
+		rpc   bool
 	}{
-		{"chunk=256KiB", ctx, 256 << 10},
-		{"chunk=1024KiB", ctx, 1 << 20},
-		{"chunk=2048KiB", ctx, 2 << 20},
+		{"bulk,chunk=256KiB", ctx, 256 << 10, false},
+		{"bulk,chunk=2048KiB", ctx, 2 << 20, false},
+		{"bulk,chunk=2048KiB,cancellable", cctx, 2 << 20, false},
+		{"rpc,chunk=256KiB", ctx, 256 << 10, true},
+		{"rpc,chunk=1024KiB", ctx, 1 << 20, true},
+		{"rpc,chunk=2048KiB", ctx, 2 << 20, true},
 		// A cancellable context makes each receive go through a helper
 		// goroutine (window.recv).
-		{"chunk=1024KiB,cancellable", cctx, 1 << 20},
+		{"rpc,chunk=1024KiB,cancellable", cctx, 1 << 20, true},
 	} {
 		chunk, ctx := bc.chunk, bc.ctx
 		b.Run(bc.name, func(b *testing.B) {
+			c.noBulk = bc.rpc
 			b.SetBytes(benchSize)
 			var sum byte
 			start := cpuTime(b)

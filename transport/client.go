@@ -70,6 +70,11 @@ type Client struct {
 	bulk    *ttrpc.Client
 	bulkSvc pagesvc.PagesClient
 
+	// heldBufs holds *[]byte of MaxChunkSize for StreamHeld over ttrpc.
+	heldBufs sync.Pool
+	// noBulk makes streams use ttrpc on a unix socket too (tests).
+	noBulk bool
+
 	closed    atomic.Bool
 	closeOnce sync.Once
 	closeErr  error
@@ -99,6 +104,10 @@ func Dial(ctx context.Context, addr string, token []byte, clientID string, tlsCf
 		pageSize: uint64(os.Getpagesize()),
 		ctx:      cctx,
 		cancel:   cancel,
+	}
+	c.heldBufs.New = func() any {
+		b := make([]byte, MaxChunkSize)
+		return &b
 	}
 	resp, err := c.svc.Open(ctx, &pagesvc.OpenRequest{
 		Token:           c.token,
@@ -205,19 +214,72 @@ func (c *Client) getBatch(ctx context.Context, proc uint32, b batch, dst []byte)
 // each range and in range order. data is valid only until fn returns. Stream
 // returns nil only after fn saw every byte of every range; an error from fn
 // stops the stream and is returned as is.
+//
+// On a unix socket the pages come through memory shared with the server
+// (bulk.go), otherwise as StreamPages messages.
 func (c *Client) Stream(ctx context.Context, proc uint32, ranges []Range, chunk int, fn func(addr uint64, data []byte) error) error {
+	chunk, err := c.checkStream(ranges, chunk)
+	if err != nil {
+		return err
+	}
+	if c.bulkUsable() {
+		return c.streamBulk(ctx, proc, ranges, chunk, func(addr uint64, data []byte, release func()) error {
+			defer release()
+			return fn(addr, data)
+		})
+	}
+	return c.streamRPC(ctx, proc, ranges, chunk, fn)
+}
+
+// StreamHeld is Stream for a caller that keeps chunks after fn returns:
+// fn owns data until it calls release, exactly once, from any goroutine,
+// also after StreamHeld returned. The stream stalls while the caller holds
+// many chunks (on a unix socket, the server's ring of 16 chunks; over TCP
+// it never stalls, each held chunk is a buffer of its own), so a caller
+// must release chunks without waiting for later ones.
+func (c *Client) StreamHeld(ctx context.Context, proc uint32, ranges []Range, chunk int, fn func(addr uint64, data []byte, release func()) error) error {
+	chunk, err := c.checkStream(ranges, chunk)
+	if err != nil {
+		return err
+	}
+	if c.bulkUsable() {
+		return c.streamBulk(ctx, proc, ranges, chunk, fn)
+	}
+	return c.streamRPC(ctx, proc, ranges, chunk, func(addr uint64, data []byte) error {
+		bp := c.heldBufs.Get().(*[]byte)
+		b := (*bp)[:len(data)]
+		copy(b, data)
+		var once sync.Once
+		return fn(addr, b, func() { once.Do(func() { c.heldBufs.Put(bp) }) })
+	})
+}
+
+// bulkUsable says whether streams go through shared memory: on a unix
+// socket, unless a test turned it off.
+func (c *Client) bulkUsable() bool {
+	network, _, err := ParseAddr(c.addr)
+	return err == nil && network == "unix" && !c.noBulk
+}
+
+// checkStream validates a stream's arguments and returns the chunk size.
+func (c *Client) checkStream(ranges []Range, chunk int) (int, error) {
 	if c.closed.Load() {
-		return fmt.Errorf("stream: %w", ErrClosed)
+		return 0, fmt.Errorf("stream: %w", ErrClosed)
 	}
 	if chunk == 0 {
 		chunk = DefaultChunkSize
 	}
 	if chunk < 0 || chunk > MaxChunkSize || uint64(chunk)%c.pageSize != 0 {
-		return fmt.Errorf("stream: chunk size %d: want a page multiple up to %d: %w", chunk, MaxChunkSize, ErrBadRequest)
+		return 0, fmt.Errorf("stream: chunk size %d: want a page multiple up to %d: %w", chunk, MaxChunkSize, ErrBadRequest)
 	}
 	if _, err := c.checkRanges(ranges); err != nil {
-		return fmt.Errorf("stream: %w", err)
+		return 0, fmt.Errorf("stream: %w", err)
 	}
+	return chunk, nil
+}
+
+// streamRPC is Stream over StreamPages calls.
+func (c *Client) streamRPC(ctx context.Context, proc uint32, ranges []Range, chunk int, fn func(addr uint64, data []byte) error) error {
 	svc, err := c.bulkClient(ctx)
 	if err != nil {
 		return err

@@ -23,6 +23,13 @@
 //	Unavailable                  ErrClosed   (server shut down or snapshot released)
 //	Unimplemented                ErrVersion  (protocol version or method unknown)
 //
+// On a unix socket Client.Stream and Client.StreamHeld use the bulk
+// protocol instead of StreamPages (bulk.go): a separate connection that
+// starts with a magic the server tells apart from ttrpc, carries
+// StreamPagesRequest messages (token checked on each) and small frames
+// naming slots of a sealed memfd ring the server shares with the client;
+// the page data itself crosses no socket.
+//
 // Limits: every range is page aligned and non-empty. One GetPages answer
 // carries at most MaxGetPagesBytes (a ttrpc message is at most 4 MiB); the
 // client splits larger reads into requests of at most ClientRequestBytes
@@ -51,7 +58,12 @@
 //
 // # Copies
 //
-// Page data is copied as little as ttrpc allows (codec.go): the server reads
+// Over the bulk protocol (unix sockets) the server reads pages straight into
+// a ring slot and the client reads them from its mapping of that slot: one
+// copy per byte in all, and StreamHeld lets the caller keep the slot (e.g.
+// to UFFDIO_COPY from it) instead of copying it out.
+//
+// Over ttrpc, page data is copied as little as ttrpc allows (codec.go): the server reads
 // pages straight into the buffer it sends and reuses it once ttrpc has
 // written it; the client decodes straight into its own buffer (Stream) or the
 // caller's (GetPages). What remains per byte of a stream is the source's

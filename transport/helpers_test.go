@@ -13,6 +13,7 @@ import (
 	"math/big"
 	"net"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -143,6 +144,15 @@ func unixAddr(t testing.TB) string {
 	return "unix:" + filepath.Join(t.TempDir(), "pages.sock")
 }
 
+// rpcSocketName names the unix sockets of unixRPCAddr.
+const rpcSocketName = "pages-rpc.sock"
+
+// unixRPCAddr is unixAddr for a test whose clients stream over ttrpc, not
+// shared memory (ts.dial sees the name).
+func unixRPCAddr(t testing.TB) string {
+	return "unix:" + filepath.Join(t.TempDir(), rpcSocketName)
+}
+
 // startServer serves src at addr ("unix:…" or "tcp:127.0.0.1:0") and stops
 // the server when the test ends.
 func startServer(t testing.TB, src PageSource, addr string, tlsCfg *tls.Config) *testServer {
@@ -184,6 +194,7 @@ func (ts *testServer) dial(t testing.TB, id string, tlsCfg *tls.Config) *Client 
 	if err != nil {
 		t.Fatalf("dial %s: %v", ts.addr, err)
 	}
+	c.noBulk = strings.HasSuffix(ts.addr, "/"+rpcSocketName)
 	t.Cleanup(func() { c.Close() })
 	return c
 }

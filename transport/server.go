@@ -543,6 +543,9 @@ func (l *trackingListener) Accept() (net.Conn, error) {
 		_ = uc.SetWriteBuffer(unixWriteBuffer)
 	}
 	tc := &trackedConn{Conn: c, s: l.s}
+	if uc, ok := c.(*net.UnixConn); ok {
+		tc.unix = uc
+	}
 	if l.tls != nil {
 		tc.tls = tls.Server(c, l.tls)
 		tc.Conn = tc.tls
@@ -568,7 +571,13 @@ type trackedConn struct {
 	// the first Read, in ttrpc's per-connection reader goroutine.
 	tls       *tls.Conn
 	handshook bool // only touched by the reader goroutine
-	once      sync.Once
+	// unix is Conn on a unix socket, where a connection may be a bulk
+	// stream (bulk.go); sniffed and prefix (the first bytes, read to tell)
+	// are only touched by the reader goroutine.
+	unix    *net.UnixConn
+	sniffed bool
+	prefix  []byte
+	once    sync.Once
 }
 
 // Read runs the TLS handshake first, under a deadline, and turns every read
@@ -587,12 +596,37 @@ func (c *trackedConn) Read(p []byte) (int, error) {
 			return 0, fmt.Errorf("tls handshake: %w (%w)", io.ErrUnexpectedEOF, err)
 		}
 	}
+	if c.unix != nil && !c.sniffed {
+		// A bulk stream is served right here, in ttrpc's reader
+		// goroutine for the connection, which then sees EOF and forgets
+		// the connection. ttrpc counts it as idle, so Shutdown cuts it.
+		c.sniffed = true
+		prefix, done, err := c.s.sniffBulk(c.unix)
+		if done {
+			c.Close()
+			return 0, io.EOF
+		}
+		c.prefix = prefix
+		if err != nil && len(prefix) == 0 {
+			return 0, c.readErr(err)
+		}
+	}
+	if len(c.prefix) > 0 {
+		n := copy(p, c.prefix)
+		c.prefix = c.prefix[n:]
+		return n, nil
+	}
 	n, err := c.Conn.Read(p)
+	return n, c.readErr(err)
+}
+
+// readErr turns a read error into one ttrpc drops the connection on.
+func (c *trackedConn) readErr(err error) error {
 	if err != nil && !errors.Is(err, io.EOF) {
 		c.Close()
 		err = fmt.Errorf("read: %w (%w)", io.ErrUnexpectedEOF, err)
 	}
-	return n, err
+	return err
 }
 
 func (c *trackedConn) Close() error {

@@ -151,6 +151,9 @@ func TestSplitRanges(t *testing.T) {
 // networks runs f against a unix and a tcp server.
 func networks(t *testing.T, f func(t *testing.T, addr string)) {
 	t.Run("unix", func(t *testing.T) { f(t, unixAddr(t)) })
+	// Streams on a unix socket go through shared memory; this variant
+	// keeps the StreamPages path tested there too.
+	t.Run("unix-rpc", func(t *testing.T) { f(t, unixRPCAddr(t)) })
 	t.Run("tcp", func(t *testing.T) { f(t, "tcp:127.0.0.1:0") })
 }
 

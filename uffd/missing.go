@@ -19,6 +19,18 @@ type PageFetcher interface {
 	Fetch(addr uint64, buf []byte) error
 }
 
+// ViewFetcher is an optional interface of a PageFetcher that holds
+// fetched content in memory of its own (a readahead buffer, a mapping
+// shared with a page server): Fill then copies pages into the process
+// straight from there instead of through a buffer of its own.
+type ViewFetcher interface {
+	// FetchView calls fn with the content of [addr, addr+m) for some
+	// 0 < m <= n, m a multiple of PageSize, if the fetcher holds the page
+	// at addr, and reports whether it did; with false, Fill uses Fetch.
+	// data is valid only during fn; fn's error is returned as is.
+	FetchView(addr uint64, n int, fn func(data []byte) error) (bool, error)
+}
+
 // Lazy is a MISSING-mode server for one uffd: the policy that fills
 // registered memory on demand (Fault) and in the background (Fill). It
 // implements Handler and EventLocker; run it in a Loop with
@@ -287,7 +299,8 @@ func (l *Lazy) Fill(ctx context.Context, chunk int, progress func(done, total ui
 	if chunk <= 0 || chunk%PageSize != 0 {
 		return fmt.Errorf("lazy fill: chunk %d is not a positive multiple of %d: %w", chunk, PageSize, unix.EINVAL)
 	}
-	buf := make([]byte, chunk)
+	vf, _ := l.f.(ViewFetcher)
+	var buf []byte // allocated if Fetch is needed
 	var runs []run
 	var cursor uint64
 	for {
@@ -311,6 +324,22 @@ func (l *Lazy) Fill(ctx context.Context, chunk int, progress func(done, total ui
 			cursor = 0
 			continue
 		}
+		if vf != nil {
+			got, err := l.fillView(ctx, vf, src, n*PageSize, &runs)
+			if err != nil {
+				return err
+			}
+			if got > 0 {
+				cursor = src + got
+				if progress != nil {
+					progress(l.total-l.Remaining(), l.total)
+				}
+				continue
+			}
+		}
+		if buf == nil {
+			buf = make([]byte, chunk)
+		}
 		b := buf[:n*PageSize]
 		if err := l.f.Fetch(src, b); err != nil {
 			return fmt.Errorf("lazy fill: fetch %#x+%#x: %w", src, len(b), err)
@@ -323,6 +352,31 @@ func (l *Lazy) Fill(ctx context.Context, chunk int, progress func(done, total ui
 			progress(l.total-l.Remaining(), l.total)
 		}
 	}
+}
+
+// fillView installs what vf holds from src on (at most n bytes) straight
+// from its memory and returns how many bytes that was, 0 if it held
+// nothing.
+func (l *Lazy) fillView(ctx context.Context, vf ViewFetcher, src, n uint64, runs *[]run) (uint64, error) {
+	var got uint64
+	var installErr error
+	ok, err := vf.FetchView(src, int(n), func(data []byte) error {
+		if len(data) == 0 || uint64(len(data)) > n || len(data)%PageSize != 0 {
+			return fmt.Errorf("lazy fill: view of %#x+%#x gave %#x bytes: %w", src, n, len(data), unix.EINVAL)
+		}
+		got = uint64(len(data))
+		installErr = l.installRetry(ctx, src, data, runs)
+		return installErr
+	})
+	switch {
+	case installErr != nil:
+		return 0, fmt.Errorf("lazy fill: %w", installErr)
+	case err != nil:
+		return 0, fmt.Errorf("lazy fill: fetch view %#x+%#x: %w", src, n, err)
+	case !ok:
+		return 0, nil
+	}
+	return got, nil
 }
 
 // installRetry installs a fetched chunk, waiting out ErrAgain.

@@ -136,6 +136,8 @@ func (s *Source) Wait(ctx context.Context, ttl, maxAge time.Duration) error {
 			return ctx.Err()
 		case err := <-s.served:
 			return err
+		case <-s.lost():
+			return s.snap.Err()
 		case now := <-tick.C:
 			s.mu.Lock()
 			done := s.done
@@ -148,6 +150,15 @@ func (s *Source) Wait(ctx context.Context, ttl, maxAge time.Duration) error {
 			}
 		}
 	}
+}
+
+// lost is closed when the snapshot can no longer be served (a fork
+// snapshot's shadow died); nil otherwise.
+func (s *Source) lost() <-chan struct{} {
+	if s.snap == nil {
+		return nil
+	}
+	return s.snap.Lost()
 }
 
 // Close releases the snapshot and stops the page server.
@@ -246,8 +257,7 @@ type Restoring struct {
 
 func (r *Restoring) stopReadahead() {
 	if r.ra != nil {
-		r.ra.stop()
-		r.stopRA()
+		r.ra.stop(r.stopRA)
 	}
 }
 
@@ -361,9 +371,20 @@ type fetcher struct {
 	ra *readahead
 }
 
+var _ checkpoint.PageViewer = fetcher{}
+
 func (f fetcher) Fetch(ctx context.Context, proc uint32, addr uint64, buf []byte) error {
 	if f.ra != nil && f.ra.take(addr, buf) {
 		return nil
 	}
 	return f.c.GetPages(ctx, proc, []transport.Range{{Addr: addr, Len: uint64(len(buf))}}, buf)
+}
+
+// FetchView lets the background fill copy streamed pages into the clone
+// straight from the stream's memory.
+func (f fetcher) FetchView(ctx context.Context, proc uint32, addr uint64, n int, fn func(data []byte) error) (bool, error) {
+	if f.ra == nil || proc != f.ra.proc {
+		return false, nil
+	}
+	return f.ra.view(addr, n, fn)
 }

@@ -10,22 +10,25 @@ import (
 
 // readahead streams a process's lazy pages from the page server in
 // address order — the order the pager's background fill asks for them —
-// so that the fill does not pay a round trip per chunk. Fetches it cannot
-// serve from what has arrived (faults far from the stream's head, pages
-// the stream already passed) go to GetPages.
+// so that the fill does not pay a round trip per chunk. The fill copies
+// streamed chunks into the clone straight from where the stream put them
+// (view; on a unix socket that is memory shared with the server, so the
+// page data crosses no socket). Fetches it cannot serve from what has
+// arrived (faults far from the stream's head, pages the stream already
+// passed) go to GetPages.
 type readahead struct {
 	c    *transport.Client
 	proc uint32
 	// start begins the stream (once, when the background fill starts):
 	// until then the morph has the CPU to itself.
 	start func()
+	// finished is closed when the stream's goroutine has returned.
+	finished chan struct{}
 
 	mu   sync.Mutex // guards the fields below; cond waits on it
 	cond *sync.Cond
-	// chunks are streamed pages not yet consumed, in address order.
-	chunks []chunk
-	// free are the buffers of consumed chunks, for add to reuse.
-	free     [][]byte
+	// chunks are streamed chunks not yet consumed, in address order.
+	chunks   []*chunk
 	buffered int
 	// head is the end of the last chunk received.
 	head uint64
@@ -36,30 +39,45 @@ type readahead struct {
 	done bool
 }
 
+// chunk is a streamed chunk the readahead holds; release gives its memory
+// back to the stream. A chunk that view is reading from is pinned: it is
+// released only when the last reader is done.
 type chunk struct {
-	addr uint64
-	data []byte
+	addr    uint64
+	data    []byte
+	release func()
+	pins    int  // guarded by readahead.mu
+	dropped bool // guarded by readahead.mu: release once unpinned
 }
 
 const (
-	// raLimit bounds the bytes buffered ahead of the fill.
+	// raLimit bounds the bytes buffered ahead of the fill (on a unix
+	// socket the server's ring, 32 MiB, bounds them first).
 	raLimit = 64 << 20
 	// raWait: a fetch this close ahead of the stream's head waits for it.
+	// It must stay well below what the stream can buffer, so that the
+	// stream can always reach a fetch that waits (take drops the chunks
+	// below it).
 	raWait = 16 << 20
 )
 
 func newReadahead(ctx context.Context, c *transport.Client, proc uint32, ranges []transport.Range) *readahead {
-	ra := &readahead{c: c, proc: proc}
+	ra := &readahead{c: c, proc: proc, finished: make(chan struct{})}
 	ra.cond = sync.NewCond(&ra.mu)
 	if len(ranges) > 0 {
 		ra.head = ranges[0].Addr
 	}
 	ra.start = func() {
 		ra.mu.Lock()
+		if ra.done { // stopped before it started
+			ra.mu.Unlock()
+			return
+		}
 		ra.started = true
 		ra.mu.Unlock()
 		go func() {
-			c.Stream(ctx, proc, ranges, transport.MaxChunkSize, ra.add)
+			defer close(ra.finished)
+			c.StreamHeld(ctx, proc, ranges, transport.MaxChunkSize, ra.add)
 			ra.mu.Lock()
 			ra.done = true
 			ra.cond.Broadcast()
@@ -69,32 +87,19 @@ func newReadahead(ctx context.Context, c *transport.Client, proc uint32, ranges 
 	return ra
 }
 
-// add receives one streamed chunk (data is reused by the client: copy).
-// The copy goes into a buffer a consumed chunk left (fresh memory costs a
-// page fault per 4 KiB here) and is made outside the lock, so that take
-// can serve a fault meanwhile.
-func (ra *readahead) add(addr uint64, data []byte) error {
+// add receives one streamed chunk, which it holds until release.
+func (ra *readahead) add(addr uint64, data []byte, release func()) error {
 	ra.mu.Lock()
 	for ra.buffered >= raLimit && !ra.done {
 		ra.cond.Wait()
 	}
 	if ra.done {
 		ra.mu.Unlock()
+		release()
 		return errStopped
 	}
-	var b []byte
-	if n := len(ra.free); n > 0 {
-		b, ra.free = ra.free[n-1], ra.free[:n-1]
-	}
+	ra.chunks = append(ra.chunks, &chunk{addr: addr, data: data, release: release})
 	ra.buffered += len(data)
-	ra.mu.Unlock()
-	if cap(b) < len(data) {
-		b = make([]byte, len(data))
-	}
-	b = b[:len(data)]
-	copy(b, data)
-	ra.mu.Lock()
-	ra.chunks = append(ra.chunks, chunk{addr, b})
 	ra.head = addr + uint64(len(data))
 	ra.cond.Broadcast()
 	ra.mu.Unlock()
@@ -103,13 +108,52 @@ func (ra *readahead) add(addr uint64, data []byte) error {
 
 var errStopped = errors.New("readahead stopped")
 
-// stop ends the stream's consumption (the pager is done).
-func (ra *readahead) stop() {
+// stop ends the stream's consumption (the pager is done) and waits for the
+// stream to end; ctx (newReadahead's) must be cancelled too.
+func (ra *readahead) stop(cancel context.CancelFunc) {
 	ra.mu.Lock()
 	ra.done = true
+	for _, c := range ra.chunks {
+		ra.dropLocked(c)
+	}
 	ra.chunks, ra.buffered = nil, 0
+	started := ra.started
 	ra.cond.Broadcast()
 	ra.mu.Unlock()
+	cancel()
+	if started {
+		<-ra.finished
+	}
+}
+
+// dropLocked releases c now, or when its last reader is done.
+//
+// Preconditions: ra.mu is held; c is no longer in ra.chunks (or is about
+// to be removed).
+func (ra *readahead) dropLocked(c *chunk) {
+	c.dropped = true
+	if c.pins == 0 {
+		c.release()
+	}
+}
+
+// dropBelowLocked drops the chunks wholly below addr: they will not be
+// asked for again (the fill moves up, and faults below it find their
+// pages local).
+//
+// Preconditions: ra.mu is held.
+func (ra *readahead) dropBelowLocked(addr uint64) {
+	i := 0
+	for i < len(ra.chunks) && ra.chunks[i].addr+uint64(len(ra.chunks[i].data)) <= addr {
+		ra.buffered -= len(ra.chunks[i].data)
+		ra.dropLocked(ra.chunks[i])
+		ra.chunks[i] = nil
+		i++
+	}
+	if i > 0 {
+		ra.chunks = ra.chunks[i:]
+		ra.cond.Broadcast()
+	}
 }
 
 // take fills buf from the stream if it has (or will shortly have) every
@@ -122,20 +166,7 @@ func (ra *readahead) take(addr uint64, buf []byte) bool {
 	}
 	end := addr + uint64(len(buf))
 	for {
-		// Chunks wholly below addr will not be asked for again: the
-		// fill moves up, and faults below it find their pages local.
-		i := 0
-		for i < len(ra.chunks) && ra.chunks[i].addr+uint64(len(ra.chunks[i].data)) <= addr {
-			ra.buffered -= len(ra.chunks[i].data)
-			if len(ra.free) < raLimit/transport.MaxChunkSize {
-				ra.free = append(ra.free, ra.chunks[i].data)
-			}
-			i++
-		}
-		if i > 0 {
-			ra.chunks = ra.chunks[i:]
-			ra.cond.Broadcast()
-		}
+		ra.dropBelowLocked(addr)
 		if ra.covered(addr, end, buf) {
 			return true
 		}
@@ -144,6 +175,41 @@ func (ra *readahead) take(addr uint64, buf []byte) bool {
 		}
 		ra.cond.Wait()
 	}
+}
+
+// view calls fn with the streamed content of [addr, addr+m) for some
+// 0 < m <= n, from the stream's own memory, if the stream has (or will
+// shortly have) the page at addr; it reports whether it did.
+func (ra *readahead) view(addr uint64, n int, fn func([]byte) error) (bool, error) {
+	ra.mu.Lock()
+	if !ra.started {
+		ra.mu.Unlock()
+		return false, nil
+	}
+	var c *chunk
+	for {
+		ra.dropBelowLocked(addr)
+		if len(ra.chunks) > 0 && ra.chunks[0].addr <= addr {
+			c = ra.chunks[0] // the first chunk ends above addr
+			break
+		}
+		if ra.done || addr < ra.head || addr >= ra.head+raWait {
+			ra.mu.Unlock()
+			return false, nil // passed, stopped, or too far ahead
+		}
+		ra.cond.Wait()
+	}
+	c.pins++
+	ra.mu.Unlock()
+	off := addr - c.addr
+	err := fn(c.data[off:min(uint64(len(c.data)), off+uint64(n))])
+	ra.mu.Lock()
+	c.pins--
+	if c.pins == 0 && c.dropped {
+		c.release()
+	}
+	ra.mu.Unlock()
+	return true, err
 }
 
 // covered copies [addr, end) out of the buffered chunks if they hold all
