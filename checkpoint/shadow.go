@@ -92,10 +92,10 @@ func (s *Snapshot) watchShadow() error {
 	if err != nil {
 		return fmt.Errorf("watch shadow %d: pidfd_open: %w", s.shadow.Pid(), err)
 	}
+	s.shadowPidfd = fd // closed by closeAll, once this goroutine ended
 	s.wg.Add(1)
 	go func() {
 		defer s.wg.Done()
-		defer unix.Close(fd)
 		// Readable once the shadow has exited; Release kills it, so the
 		// poll always ends.
 		fds := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
@@ -136,31 +136,26 @@ func (s *Snapshot) readShadow(addr uint64, buf []byte) error {
 		}
 		return ErrReleased
 	}
-	pid := s.shadow.Pid()
 	for len(buf) > 0 {
 		i := s.findSeg(addr)
 		if i < 0 {
 			return fmt.Errorf("read %#x: %w", addr, ErrNotInSnapshot)
 		}
 		n := min(uint64(len(buf)), s.segs[i].end-addr)
-		// The shadow cannot be reaped (its pid reused) while shadowMu is
-		// held: only killShadow reaps it, under the write lock.
-		for done := uint64(0); done < n; {
-			local := []unix.Iovec{{Base: &buf[done], Len: n - done}}
-			remote := []unix.RemoteIovec{{Base: uintptr(addr + done), Len: int(n - done)}}
-			k, err := unix.ProcessVMReadv(pid, local, remote, 0)
-			if err == nil && k == 0 {
-				err = unix.EIO
-			}
-			if errors.Is(err, unix.ESRCH) {
-				err = fmt.Errorf("%w: %w", ErrSnapshotLost, err) // the shadow died
-			}
-			if err != nil {
-				err = fmt.Errorf("read shadow %d at %#x+%#x: %w", pid, addr+done, n-done, err)
-				s.setErr(err)
-				return err
-			}
-			done += uint64(k)
+		// Through /proc/PID/mem, not process_vm_readv: that pins the
+		// pages (FOLL_PIN), and pinning a page the shadow shares with the
+		// process makes the kernel give the shadow a copy of its own
+		// first (GUP's unshare): a page allocation and a copy per page,
+		// measured 0.4-0.9 GiB/s and the snapshot's size again in memory,
+		// against 3.4-4 GiB/s and nothing for /proc/PID/mem. The file is
+		// bound to the shadow's mm, so a reused pid cannot be read.
+		if err := s.shadow.ReadMem(addr, buf[:n]); err != nil {
+			// The shadow never runs: its mappings cannot change, so a
+			// read fails only once its memory is gone (it was killed;
+			// the mm goes before the exit is reported).
+			err = fmt.Errorf("read shadow %d: %w: %w", s.shadow.Pid(), ErrSnapshotLost, err)
+			s.setErr(err)
+			return err
 		}
 		buf = buf[n:]
 		addr += n

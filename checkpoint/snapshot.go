@@ -73,6 +73,8 @@ type Snapshot struct {
 	shadowGone bool
 	// lost is closed once the shadow is dead and reaped (watchShadow).
 	lost chan struct{}
+	// shadowPidfd is a pidfd of the shadow (0: none), closed by closeAll.
+	shadowPidfd int
 }
 
 // pinSeg is a run of pinned pages in one pipe, or of a shadow's pages.
@@ -599,6 +601,10 @@ func (s *Snapshot) closeAll() {
 		s.u.Close() // also unregisters: blocked writers proceed
 	}
 	s.killShadow()
+	if s.shadowPidfd > 0 {
+		unix.Close(s.shadowPidfd)
+		s.shadowPidfd = 0
+	}
 	for _, pp := range s.pipes {
 		pp.mu.Lock()
 		if pp.r != nil {

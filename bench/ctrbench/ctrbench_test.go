@@ -45,13 +45,14 @@ const (
 	mTask      = "ctr task checkpoint"
 	mContainer = "ctr container checkpoint --task"
 	mLive      = "cowmig checkpoint (live)"
+	mFork      = "cowmig checkpoint --cow fork"
 	mStop      = "cowmig checkpoint --mode stop"
 	mQuiet     = "quiet window, no checkpoint"
 )
 
 // methods are the checkpoints in the order of the first rep; later reps
 // rotate it so that no method always follows another.
-var methods = [...]string{mTask, mContainer, mLive, mStop}
+var methods = [...]string{mTask, mContainer, mLive, mFork, mStop}
 
 // ckptRep is one probe window.
 type ckptRep struct {
@@ -191,15 +192,18 @@ func (bn *bench) checkpoint(src *source, m string, rep int) ckptRep {
 	case mContainer:
 		ref = fmt.Sprintf("ckpt/%s:rep%d", src.id, rep)
 		run = func() (err error) { out, err = bn.a.Ctr("container", "checkpoint", "--task", src.id, ref); return err }
-	case mLive, mStop:
-		mode := "live"
-		if m == mStop {
+	case mLive, mFork, mStop:
+		mode, cow := "live", "uffd"
+		switch m {
+		case mStop:
 			mode = "stop"
+		case mFork:
+			cow = "fork"
 		}
-		dir = filepath.Join(bn.work, fmt.Sprintf("img-%s-%d", mode, rep))
+		dir = filepath.Join(bn.work, fmt.Sprintf("img-%s-%s-%d", mode, cow, rep))
 		run = func() (err error) {
 			out, err = bn.cowmig("checkpoint", "--address", bn.a.Address(), "--namespace", bn.a.Namespace(),
-				"--image", dir, "--mode", mode, "--json", src.id)
+				"--image", dir, "--mode", mode, "--cow", cow, "--json", src.id)
 			return err
 		}
 	}
@@ -226,13 +230,13 @@ func (bn *bench) checkpoint(src *source, m string, rep int) ckptRep {
 			t.Fatalf("page servers %v of pid %d survive SIGKILL", left, src.pid)
 		}
 		bn.a.MustCtr(t, "image", "rm", ref)
-	case mLive, mStop:
+	case mLive, mFork, mStop:
 		var st live.CheckpointStats
 		if err := json.Unmarshal([]byte(out), &st); err != nil {
 			t.Fatalf("%s: decode --json output %q: %v", m, out, err)
 		}
 		r.freezeMs, r.shimMs = st.FreezeMs, st.CheckpointMs
-		if m == mLive {
+		if m != mStop {
 			if rel, err := bn.a.Exec(bn.bins.cowmig, "release", "--image", dir); err != nil {
 				t.Errorf("cowmig release --image %s: %v\n%s", dir, err, rel)
 			}

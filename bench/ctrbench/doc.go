@@ -4,7 +4,8 @@
 //
 //   - the client-visible downtime of checkpointing that running container
 //     with `ctr task checkpoint`, `ctr container checkpoint --task`,
-//     `cowmig checkpoint` (live) and `cowmig checkpoint --mode stop`,
+//     `cowmig checkpoint` (live), `cowmig checkpoint --cow fork` and
+//     `cowmig checkpoint --mode stop`,
 //     measured by a 1 ms GET probe from host B over the veth, next to the
 //     shim's own freeze time and a quiet window as the noise floor;
 //   - restore to running on host B with `ctr container restore --live`

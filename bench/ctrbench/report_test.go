@@ -87,7 +87,7 @@ func (bn *bench) report(w io.Writer, cfg config) {
 
 	fmt.Fprintf(w, "\ndowntime ratios (median maxgap):\n")
 	tw = tabwriter.NewWriter(w, 0, 8, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintln(tw, "MiB\tctr task / cowmig live\tctr container / cowmig live\tcowmig stop / cowmig live\tcowmig live / quiet\tctr task / quiet\t")
+	fmt.Fprintln(tw, "MiB\tctr task / cowmig live\tctr container / cowmig live\tcowmig stop / cowmig live\tcowmig live / cowmig fork\tcowmig live / quiet\tctr task / quiet\t")
 	for _, mib := range cfg.sizes {
 		g := gaps[mib]
 		get := func(m string) float64 {
@@ -96,9 +96,9 @@ func (bn *bench) report(w io.Writer, cfg config) {
 			}
 			return math.NaN()
 		}
-		fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\t\n", mib,
+		fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\t%s\t\n", mib,
 			ratio(get(mTask), get(mLive)), ratio(get(mContainer), get(mLive)), ratio(get(mStop), get(mLive)),
-			ratio(get(mLive), get(mQuiet)), ratio(get(mTask), get(mQuiet)))
+			ratio(get(mLive), get(mFork)), ratio(get(mLive), get(mQuiet)), ratio(get(mTask), get(mQuiet)))
 	}
 	tw.Flush()
 
