@@ -180,7 +180,7 @@ func (d *dumper) memory(p *image.Process) (*Snapshot, error) {
 			ok = true
 			return nil, nil
 		}
-		s, err := d.shadowSnapshot(p, pins)
+		s, err := d.shadowSnapshot(p, pins, pm)
 		if err != nil {
 			return nil, err
 		}

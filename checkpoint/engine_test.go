@@ -336,6 +336,54 @@ func waitStopped(t *testing.T, pid int) {
 	}
 }
 
+// compareLazyPages compares every lazy page of res's snapshot with the
+// memory of the stopped source pid. With maskRseq, the cpu and node fields
+// of the threads' rseq areas are left out: the kernel writes them on the
+// way back from a syscall, the source's after a fork snapshot (the
+// injections that detach it), the shadow's on its own. Those fields are
+// the kernel's and are rewritten in the clone.
+func compareLazyPages(t *testing.T, res *checkpoint.Result, pid int, maskRseq bool) {
+	t.Helper()
+	mem, err := os.Open(fmt.Sprintf("/proc/%d/mem", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer mem.Close()
+	for _, v := range res.Image.Processes[0].Vmas {
+		for _, r := range v.Runs {
+			if r.Where != image.OnServer {
+				continue
+			}
+			buf := make([]byte, r.NPages*image.PageSize)
+			if err := res.Snapshot.ReadPages(context.Background(), 1, r.Addr, buf); err != nil {
+				t.Fatalf("read %#x+%d pages: %v", r.Addr, r.NPages, err)
+			}
+			want := make([]byte, len(buf))
+			if _, err := mem.ReadAt(want, int64(r.Addr)); err != nil {
+				t.Fatalf("read source memory %#x: %v", r.Addr, err)
+			}
+			for _, th := range res.Image.Processes[0].Threads {
+				if !maskRseq || th.RseqAddr == 0 {
+					continue
+				}
+				// struct rseq: cpu_id_start, cpu_id (0-7) and node_id,
+				// mm_cid (20-27) are the kernel's; rseq_cs and flags
+				// must match.
+				for _, f := range [][2]uint64{{0, 8}, {20, 28}} {
+					for a := th.RseqAddr + f[0]; a < th.RseqAddr+f[1]; a++ {
+						if a >= r.Addr && a < r.Addr+uint64(len(buf)) {
+							buf[a-r.Addr], want[a-r.Addr] = 0, 0
+						}
+					}
+				}
+			}
+			if !bytes.Equal(buf, want) {
+				t.Fatalf("snapshot of %#x+%d pages differs from the stopped source's memory", r.Addr, r.NPages)
+			}
+		}
+	}
+}
+
 func TestReadEveryLazyPage(t *testing.T) {
 	needRoot(t)
 	needPython(t)
@@ -354,29 +402,7 @@ while True:
 		}
 		waitStopped(t, src.Pid)
 		res, _ := dump(t, src.Pid, image.ModeLive)
-		mem, err := os.Open(fmt.Sprintf("/proc/%d/mem", src.Pid))
-		if err != nil {
-			t.Fatal(err)
-		}
-		for _, v := range res.Image.Processes[0].Vmas {
-			for _, r := range v.Runs {
-				if r.Where != image.OnServer {
-					continue
-				}
-				buf := make([]byte, r.NPages*image.PageSize)
-				if err := res.Snapshot.ReadPages(context.Background(), 1, r.Addr, buf); err != nil {
-					t.Fatalf("dump %d: read %#x+%d pages: %v", i, r.Addr, r.NPages, err)
-				}
-				want := make([]byte, len(buf))
-				if _, err := mem.ReadAt(want, int64(r.Addr)); err != nil {
-					t.Fatalf("dump %d: read source memory %#x: %v", i, r.Addr, err)
-				}
-				if !bytes.Equal(buf, want) {
-					t.Fatalf("dump %d: snapshot of %#x+%d pages differs from the stopped source's memory", i, r.Addr, r.NPages)
-				}
-			}
-		}
-		mem.Close()
+		compareLazyPages(t, res, src.Pid, false)
 		res.Snapshot.Release()
 		src.Close()
 	}
@@ -421,41 +447,7 @@ while True:
 	if st.Name != "cowmig-shadow" || st.PPid != src.Pid || !strings.HasPrefix(st.State, "t") {
 		t.Fatalf("shadow %d: name %q ppid %d state %q, want cowmig-shadow, %d, tracing stop", sh, st.Name, st.PPid, st.State, src.Pid)
 	}
-	mem, err := os.Open(fmt.Sprintf("/proc/%d/mem", src.Pid))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer mem.Close()
-	for _, v := range res.Image.Processes[0].Vmas {
-		for _, r := range v.Runs {
-			if r.Where != image.OnServer {
-				continue
-			}
-			buf := make([]byte, r.NPages*image.PageSize)
-			if err := res.Snapshot.ReadPages(context.Background(), 1, r.Addr, buf); err != nil {
-				t.Fatalf("read %#x+%d pages: %v", r.Addr, r.NPages, err)
-			}
-			want := make([]byte, len(buf))
-			if _, err := mem.ReadAt(want, int64(r.Addr)); err != nil {
-				t.Fatal(err)
-			}
-			// The kernel writes each thread's rseq area (the cpu it
-			// runs on) on the way back from a syscall: the source's
-			// after the fork (the injections that detach it), the
-			// shadow's on its own. Those fields are the kernel's and
-			// are rewritten in the clone; everything else must match.
-			for _, th := range res.Image.Processes[0].Threads {
-				for a := th.RseqAddr; a < th.RseqAddr+uint64(th.RseqLen); a++ {
-					if a >= r.Addr && a < r.Addr+uint64(len(buf)) {
-						buf[a-r.Addr], want[a-r.Addr] = 0, 0
-					}
-				}
-			}
-			if !bytes.Equal(buf, want) {
-				t.Fatalf("shadow's %#x+%d pages differ from the stopped source's memory", r.Addr, r.NPages)
-			}
-		}
-	}
+	compareLazyPages(t, res, src.Pid, true)
 	// A second snapshot while the first's shadow lives: not a child.
 	res2 := dumpStrict()
 	res.Snapshot.Release()

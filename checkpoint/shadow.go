@@ -26,8 +26,8 @@ import (
 //     inject.Process.Shadow). The kernel's own copy-on-write keeps the
 //     shadow's memory as it was at the fork, and the page server reads it
 //     from there. The freeze costs a page-table copy instead of a
-//     protection pass and a pin (~2.5x shorter at 4 KiB pages, far shorter
-//     with huge pages); a first write to a page costs a kernel COW fault
+//     protection pass and a pin (about 2x shorter at 4 KiB pages, far
+//     shorter with huge pages); a first write to a page costs a kernel COW fault
 //     instead of a round trip to the page server; nothing is copied that
 //     the process does not overwrite. But the copies are the process's
 //     own, charged to its memory cgroup; the shadow is a process in its
@@ -50,15 +50,28 @@ func (c COW) Valid() bool { return c == COWUffd || c == COWFork }
 const shadowName = "cowmig-shadow"
 
 // IsShadow reports whether pid is the shadow process of a fork snapshot
-// (see COW): not part of the workload.
+// (see COW): not part of the workload. A shadow is named shadowName and
+// has exit signal 0 (a workload's child would rarely have both).
 func IsShadow(pid int) bool {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/comm", pid))
-	return err == nil && strings.TrimSpace(string(b)) == shadowName
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return false
+	}
+	s := string(b)
+	open, end := strings.IndexByte(s, '('), strings.LastIndexByte(s, ')')
+	if open < 0 || end < open || s[open+1:end] != shadowName {
+		return false
+	}
+	// Fields after "(comm) ": state is the first, exit_signal the 36th
+	// (field 38 of proc(5)).
+	f := strings.Fields(s[end+1:])
+	return len(f) > 35 && f[35] == "0"
 }
 
 // shadowSnapshot forks the frozen target into a shadow that holds runs and
-// records them in p. It runs while the target is frozen, last.
-func (d *dumper) shadowSnapshot(p *image.Process, runs []pinRun) (*Snapshot, error) {
+// records them in p. It runs while the target is frozen, last; pm is the
+// target's page map.
+func (d *dumper) shadowSnapshot(p *image.Process, runs []pinRun, pm *procfs.Pagemap) (_ *Snapshot, err error) {
 	s := &Snapshot{proc: p.ID, stop: make(chan struct{}), windowEnd: make(chan struct{})}
 	var at uint64
 	for _, r := range runs {
@@ -71,9 +84,18 @@ func (d *dumper) shadowSnapshot(p *image.Process, runs []pinRun) (*Snapshot, err
 		return nil, fmt.Errorf("fork shadow of pid %d (copy-on-write method fork; uffd does not need one): %w", d.pid, err)
 	}
 	s.shadow = sh
+	s.shadowPidfd, s.watchStop = -1, -1
 	s.lost = make(chan struct{})
 	if err := s.watchShadow(); err != nil {
 		s.killShadow()
+		return nil, err
+	}
+	defer func() {
+		if err != nil {
+			s.Release()
+		}
+	}()
+	if err := checkInherited(p, runs, pm, sh.Pid()); err != nil {
 		return nil, err
 	}
 	s.planned.Store(true)
@@ -82,23 +104,70 @@ func (d *dumper) shadowSnapshot(p *image.Process, runs []pinRun) (*Snapshot, err
 	return s, nil
 }
 
+// checkInherited checks that the shadow (pid) got every mapping of runs
+// with its pages. The mappings with MADV_DONTFORK or MADV_WIPEONFORK were
+// copied instead, but their VmFlags were read before the freeze: one that
+// got either advice since, on the whole mapping (which leaves its bounds
+// as they were), would be missing from the shadow or empty there, and the
+// snapshot would serve zeros. A mapping where the frozen target has a
+// page and the shadow has none fails the dump. Two page-map lookups that
+// stop at the first page, per mapping.
+func checkInherited(p *image.Process, runs []pinRun, pm *procfs.Pagemap, pid int) error {
+	spm, err := procfs.OpenPagemap(pid)
+	if err != nil {
+		return fmt.Errorf("open shadow page map: %w", err)
+	}
+	defer spm.Close()
+	hasPage := func(m *procfs.Pagemap, v image.Vma) (bool, error) {
+		regs, err := m.ScanAll(procfs.ScanArgs{Start: v.Start, End: v.End, CategoryAnyOf: procfs.PagePresent | procfs.PageSwapped,
+			ReturnMask: procfs.PagePresent | procfs.PageSwapped, MaxPages: 1})
+		return len(regs) > 0, err
+	}
+	last := -1
+	for _, r := range runs {
+		if r.vma == last {
+			continue
+		}
+		last = r.vma
+		v := p.Vmas[r.vma]
+		has, err := hasPage(pm, v)
+		if err != nil {
+			return fmt.Errorf("scan page map %#x-%#x: %w", v.Start, v.End, err)
+		}
+		if !has {
+			continue
+		}
+		if sh, err := hasPage(spm, v); err != nil || !sh {
+			return fmt.Errorf("mapping %#x-%#x was not inherited by the shadow with its pages (%v): MADV_DONTFORK or MADV_WIPEONFORK set since the snapshot began; retry, or use copy-on-write method uffd: %w",
+				v.Start, v.End, err, ErrUnsupported)
+		}
+	}
+	return nil
+}
+
 // watchShadow reaps the shadow as soon as it dies before its release (a
 // SIGKILL, or the end of its pid namespace when a container's init
 // exits). It must: a dead tracee stays a zombie until its tracer waits for
 // it, and its parent's exit (zap_pid_ns_processes for a namespace's init)
 // would wait for it too. The snapshot is lost then; Lost says so.
 func (s *Snapshot) watchShadow() error {
-	fd, err := unix.PidfdOpen(s.shadow.Pid(), 0)
+	fd, err := unix.PidfdOpen(s.shadow.Pid(), unix.PIDFD_NONBLOCK)
 	if err != nil {
 		return fmt.Errorf("watch shadow %d: pidfd_open: %w", s.shadow.Pid(), err)
 	}
-	s.shadowPidfd = fd // closed by closeAll, once this goroutine ended
+	efd, err := unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
+	if err != nil {
+		unix.Close(fd)
+		return fmt.Errorf("watch shadow %d: eventfd: %w", s.shadow.Pid(), err)
+	}
+	// Both are closed by closeAll, once this goroutine ended.
+	s.shadowPidfd, s.watchStop = fd, efd
 	s.wg.Add(1)
 	go func() {
 		defer s.wg.Done()
-		// Readable once the shadow has exited; Release kills it, so the
-		// poll always ends.
-		fds := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
+		// The pidfd is readable once the shadow has exited; Release
+		// kills it, and also writes the eventfd in case the kill failed.
+		fds := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}, {Fd: int32(efd), Events: unix.POLLIN}}
 		for {
 			if _, err := unix.Poll(fds, -1); err == nil || err != unix.EINTR {
 				break
@@ -151,16 +220,28 @@ func (s *Snapshot) readShadow(addr uint64, buf []byte) error {
 		// bound to the shadow's mm, so a reused pid cannot be read.
 		if err := s.shadow.ReadMem(addr, buf[:n]); err != nil {
 			// The shadow never runs: its mappings cannot change, so a
-			// read fails only once its memory is gone (it was killed;
-			// the mm goes before the exit is reported).
-			err = fmt.Errorf("read shadow %d: %w: %w", s.shadow.Pid(), ErrSnapshotLost, err)
-			s.setErr(err)
-			return err
+			// read ends early (EIO here) only once its memory is gone:
+			// it was killed, and the mm goes before the exit is
+			// reported. Anything else (ENOMEM bringing a page back
+			// from swap) fails this read only.
+			if errors.Is(err, unix.EIO) || s.shadowDead() {
+				err = fmt.Errorf("read shadow %d: %w: %w", s.shadow.Pid(), ErrSnapshotLost, err)
+				s.setErr(err)
+				return err
+			}
+			return fmt.Errorf("read shadow %d: %w", s.shadow.Pid(), err)
 		}
 		buf = buf[n:]
 		addr += n
 	}
 	return nil
+}
+
+// shadowDead reports whether the shadow has exited.
+func (s *Snapshot) shadowDead() bool {
+	fds := []unix.PollFd{{Fd: int32(s.shadowPidfd), Events: unix.POLLIN}}
+	n, err := unix.Poll(fds, 0)
+	return err == nil && n > 0
 }
 
 // drainShadow copies the whole snapshot into pages.img (full mode).

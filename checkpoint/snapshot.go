@@ -51,7 +51,7 @@ type Snapshot struct {
 	stop      chan struct{}  // closed by Release
 	windowEnd chan struct{}  // closed when every pipe is drained and the uffd closed
 
-	mu sync.Mutex // guards the fields below
+	mu sync.Mutex // guards released and err, and the store's unmapping (see ReadPages)
 	// released is set once by Release.
 	released bool
 	// err is the first drain error; the snapshot cannot serve after it.
@@ -65,16 +65,18 @@ type Snapshot struct {
 	// shadow is the fork snapshot's shadow process (shadow.go); nil in a
 	// uffd snapshot, which has u, loop and pipes instead. Set once before
 	// the Snapshot is shared. shadowMu is held for reading around every
-	// read of its memory, and for writing to kill and reap it, so that no
-	// read can reach a process that reused its pid.
+	// read of its memory, and for writing to kill it, so that a read
+	// never uses its closed mem file and a released snapshot reports
+	// ErrReleased, not a lost one. Lock order: shadowMu before mu.
 	shadow   *inject.Process
 	shadowMu sync.RWMutex
 	// shadowGone is set (under shadowMu) once the shadow is killed.
 	shadowGone bool
 	// lost is closed once the shadow is dead and reaped (watchShadow).
 	lost chan struct{}
-	// shadowPidfd is a pidfd of the shadow (0: none), closed by closeAll.
-	shadowPidfd int
+	// shadowPidfd is a pidfd of the shadow and watchStop an eventfd that
+	// ends its watcher (-1: none); closeAll closes them.
+	shadowPidfd, watchStop int
 }
 
 // pinSeg is a run of pinned pages in one pipe, or of a shadow's pages.
@@ -591,6 +593,9 @@ func (s *Snapshot) Release() {
 	close(s.stop)
 	s.closeWindow()
 	s.killShadow() // before the wait: it ends the shadow's watcher
+	if s.shadow != nil && s.watchStop >= 0 {
+		unix.Write(s.watchStop, []byte{1, 0, 0, 0, 0, 0, 0, 0}) // and so does this
+	}
 	s.wg.Wait()
 	s.closeAll()
 }
@@ -601,9 +606,13 @@ func (s *Snapshot) closeAll() {
 		s.u.Close() // also unregisters: blocked writers proceed
 	}
 	s.killShadow()
-	if s.shadowPidfd > 0 {
-		unix.Close(s.shadowPidfd)
-		s.shadowPidfd = 0
+	if s.shadow != nil {
+		for _, fd := range []*int{&s.shadowPidfd, &s.watchStop} {
+			if *fd >= 0 {
+				unix.Close(*fd)
+				*fd = -1
+			}
+		}
 	}
 	for _, pp := range s.pipes {
 		pp.mu.Lock()

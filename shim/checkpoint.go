@@ -160,9 +160,10 @@ func (s *service) runCheckpointDaemon(ctx context.Context, id string, pid int, d
 	if req.COW != "" {
 		cow = req.COW
 	}
-	if exit && cow == string(checkpoint.COWFork) {
+	if exit && cow == string(checkpoint.COWFork) && mode == string(image.ModeLive) {
 		// The shadow would die with the task's pid namespace: only
-		// pinned pages outlive the task.
+		// pinned pages outlive the task. (A full snapshot is drained
+		// into the image before the task goes.)
 		if req.COW != "" {
 			return stats, nil, fmt.Errorf("checkpoint with exit: copy-on-write method fork keeps the snapshot in a process of the task, which exit kills; use uffd: %w", errdefs.ErrInvalidArgument)
 		}

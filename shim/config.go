@@ -41,7 +41,7 @@ type Config struct {
 	RuncBinary string `toml:"runc_binary"`
 	RuncRoot   string `toml:"runc_root"`
 	// COW is the copy-on-write method of live and full snapshots: "uffd"
-	// or "fork" (see checkpoint.COW). A checkpoint with --exit always
+	// or "fork" (see checkpoint.COW). A live checkpoint with --exit always
 	// uses uffd: a fork snapshot's shadow dies with the task.
 	COW string `toml:"cow"`
 	// StateDir holds page-server sockets and logs.

@@ -51,23 +51,30 @@ func (p *Process) CloneProcess(pid int) (*Process, error) {
 	return c, err
 }
 
-// shadowFlags share the fd table and fs info with the shadow: its copy
-// of the fd table would hold a reference to every open file, and keep a
-// connection the process closes open towards its peer.
-const shadowFlags = unix.CLONE_FILES | unix.CLONE_FS
+// shadowFlags share the fd table with the shadow for the clone only: a
+// copy would take a reference to every open file. Shadow then unshares it
+// empty (close_range with CLOSE_RANGE_UNSHARE), so that the shadow holds
+// no file: a shared table would keep the process's files open after the
+// process exits (no EOF to a peer, ports and locks held). fs info is
+// copied, not shared: a shared fs_struct makes setns(2) fail and exec of
+// a setuid binary lose its privileges in the process.
+const shadowFlags = unix.CLONE_FILES
 
 // Shadow forks p's leader into a copy-on-write shadow of its memory: a
-// child made by clone3 (CLONE_FILES|CLONE_FS, exit_signal 0, so the
-// parent gets no SIGCHLD and wait(2) without __WALL never sees it) that
-// never runs a single instruction of its own. It is returned attached and
-// stopped, served by p's tracer thread, which stays alive until the shadow
-// is killed. The shadow carries PTRACE_O_EXITKILL from birth: if the
-// tracer thread dies, the kernel kills it rather than let it run the
-// process's code. Its memory reads, with ReadMem or process_vm_readv of
-// its Pid, as p's did at the fork, whatever p does afterwards; kill it
-// with Kill. Its name (comm) is set to name (at most 15 bytes), so that
-// it can be told apart in ps and in /proc. Killed, it stays a zombie child
-// of p until p waits for it with __WCLONE or __WALL, or exits.
+// child made by clone3 (exit_signal 0, so the parent gets no SIGCHLD and
+// wait(2) without __WALL never sees it) that never runs a single
+// instruction of its own and holds no open file. It is returned attached
+// and stopped, served by p's tracer thread, which stays alive until the
+// shadow is killed. The shadow carries PTRACE_O_EXITKILL from birth: if
+// the tracer thread dies, the kernel kills it rather than let it run the
+// process's code. Its memory reads with ReadMem as p's did at the fork,
+// whatever p does afterwards (not with process_vm_readv: that pins pages,
+// and pinning a page the shadow shares with p makes the kernel copy it
+// into the shadow first). Kill it with Kill. Its name (comm) is set to
+// name (at most 15 bytes), so that it can be told apart in ps and in
+// /proc. Killed, it stays a zombie child of p until p waits for it with
+// __WCLONE or __WALL, or exits; a shadow that fails half-made is reaped
+// at once (p is stopped).
 //
 // Options.TraceClone is not needed: the clone events are switched on in
 // the leader for the one call.
@@ -89,7 +96,7 @@ func (p *Process) Shadow(name string) (*Process, error) {
 		if rerr := ptraceRaw(unix.PTRACE_SETOPTIONS, th.tid, 0, uintptr(opts)); rerr != nil {
 			rerr = goneErr(th, fmt.Errorf("shadow: reset options: %w", rerr))
 			if c != nil {
-				rerr = errors.Join(rerr, c.killLocked())
+				rerr = errors.Join(rerr, p.discardShadow(c))
 				c = nil
 			}
 			return errors.Join(err, rerr)
@@ -97,8 +104,10 @@ func (p *Process) Shadow(name string) (*Process, error) {
 		if err != nil {
 			return fmt.Errorf("shadow: %w", err)
 		}
-		if err := c.setName(name); err != nil {
-			return errors.Join(fmt.Errorf("shadow: %w", err), c.killLocked())
+		if err := c.shadowSetup(name); err != nil {
+			err = errors.Join(fmt.Errorf("shadow: %w", err), p.discardShadow(c))
+			c = nil
+			return err
 		}
 		return nil
 	})
@@ -108,14 +117,23 @@ func (p *Process) Shadow(name string) (*Process, error) {
 	return c, nil
 }
 
-// setName sets the comm of a stopped single-threaded Process with an
-// injected prctl(PR_SET_NAME), the name written to its scratch mapping.
+// shadowSetup gives a new shadow its own, empty fd table
+// (close_range(0, ~0, CLOSE_RANGE_UNSHARE): the kernel copies no fd into
+// it) and its name (prctl(PR_SET_NAME), the name written to its scratch
+// mapping), by syscalls injected into it.
 //
 // Preconditions: runs on the tracer goroutine.
-func (c *Process) setName(name string) error {
+func (c *Process) shadowSetup(name string) error {
 	th, err := c.thread(0)
 	if err != nil {
 		return err
+	}
+	ret, err := c.inject(th, unix.SYS_CLOSE_RANGE, [6]uintptr{0, ^uintptr(0) >> 32, unix.CLOSE_RANGE_UNSHARE}, nil)
+	if err == nil && ret != 0 {
+		err = unix.Errno(-int64(ret))
+	}
+	if err != nil {
+		return fmt.Errorf("drop fds: close_range: %w", err)
 	}
 	base, err := c.scratchAddr()
 	if err != nil {
@@ -124,7 +142,7 @@ func (c *Process) setName(name string) error {
 	if err := c.WriteMem(base, append([]byte(name), 0)); err != nil {
 		return fmt.Errorf("set name: %w", err)
 	}
-	ret, err := c.inject(th, unix.SYS_PRCTL, [6]uintptr{unix.PR_SET_NAME, uintptr(base)}, nil)
+	ret, err = c.inject(th, unix.SYS_PRCTL, [6]uintptr{unix.PR_SET_NAME, uintptr(base)}, nil)
 	if err == nil && ret != 0 {
 		err = unix.Errno(-int64(ret))
 	}
@@ -132,6 +150,28 @@ func (c *Process) setName(name string) error {
 		return fmt.Errorf("set name: prctl: %w", err)
 	}
 	return nil
+}
+
+// discardShadow kills a shadow that failed half-made and reaps it twice:
+// as its tracer, then, by a wait4 injected into p's stopped leader, as
+// its parent (exit signal 0: no wait of p's own would see it, and an
+// unnamed zombie child would make every later dump refuse p as a tree).
+//
+// Preconditions: runs on the tracer goroutine; p is stopped.
+func (p *Process) discardShadow(c *Process) error {
+	err := c.killLocked()
+	th, terr := p.thread(0)
+	if terr != nil {
+		return errors.Join(err, terr)
+	}
+	ret, werr := p.inject(th, unix.SYS_WAIT4, [6]uintptr{uintptr(c.nsPid), 0, unix.WNOHANG | unix.WALL}, nil)
+	if werr == nil && int64(ret) < 0 {
+		werr = unix.Errno(-int64(ret))
+	}
+	if werr != nil {
+		err = errors.Join(err, fmt.Errorf("reap shadow %d in its parent: %w", c.pid, werr))
+	}
+	return err
 }
 
 // cloneThread is CloneThread on the tracer goroutine.
@@ -175,7 +215,7 @@ func (p *Process) cloneProcess(pid int, flags, exitSignal uint64, want int) (_ *
 	if newPid == 0 {
 		return nil, fmt.Errorf("clone process %d: %w", pid, err)
 	}
-	c := &Process{pid: newPid, t: p.t, opts: p.opts, insn: p.insn, insnChecked: p.insnChecked,
+	c := &Process{pid: newPid, nsPid: int(ret), t: p.t, opts: p.opts, insn: p.insn, insnChecked: p.insnChecked,
 		scratch: p.scratch, scratchLen: p.scratchLen, scratchHint: p.scratchHint, codeReady: p.codeReady, xstateSize: p.xstateSize}
 	nt := &thread{tid: newPid, saved: th.saved, mask: th.mask, maskSet: true, injMask: th.injMask, regsSet: true}
 	c.threads = []*thread{nt}
@@ -189,10 +229,16 @@ func (p *Process) cloneProcess(pid int, flags, exitSignal uint64, want int) (_ *
 		err = c.openFiles()
 	}
 	if err != nil {
-		// Kill the half-made child; its parent gets a SIGCHLD.
+		// Kill the half-made child; its parent gets its exit signal.
 		kerr := unix.Kill(newPid, unix.SIGKILL)
 		if kerr == nil && !nt.gone {
 			_, kerr = wait4(newPid, 0)
+		}
+		if exitSignal == 0 && int64(ret) > 0 {
+			// No signal: reap it in the stopped parent (discardShadow).
+			if r, werr := p.inject(th, unix.SYS_WAIT4, [6]uintptr{uintptr(ret), 0, unix.WNOHANG | unix.WALL}, nil); werr != nil || int64(r) < 0 {
+				kerr = errors.Join(kerr, fmt.Errorf("reap child %d in its parent: %d %w", newPid, int64(r), werr))
+			}
 		}
 		if c.mem != nil {
 			kerr = errors.Join(kerr, c.mem.Close())

@@ -184,6 +184,13 @@ func TestShadow(t *testing.T) {
 	if st := statusField(t, fmt.Sprintf("/proc/%d/status", sh.Pid()), "Threads"); st != "1" {
 		t.Fatalf("shadow has %s threads, want 1", st)
 	}
+	// It holds no file of the target's.
+	if fds, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", sh.Pid())); err != nil || len(fds) != 0 {
+		t.Fatalf("shadow fds: %d (%v), want none", len(fds), err)
+	}
+	if len(fdLinks(t, tg.pid)) == 0 {
+		t.Fatal("the target lost its fds with the shadow's unshare")
+	}
 	if err := sh.Kill(); err != nil {
 		t.Fatalf("kill shadow: %v", err)
 	}

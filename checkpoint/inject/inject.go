@@ -140,7 +140,10 @@ type thread struct {
 // Process is a ptrace-attached, stopped process.
 type Process struct {
 	pid int
-	t   *tracer
+	// nsPid is a child's pid in its parent's namespace, from clone3 (0:
+	// a seized process).
+	nsPid int
+	t     *tracer
 	// mem is /proc/pid/mem, pidfd a pidfd of pid; both are closed by
 	// Detach and Kill. os.File makes concurrent use with Close safe.
 	mem   *os.File
