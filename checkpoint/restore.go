@@ -495,17 +495,53 @@ func (r *Restored) adoptStub(pid int) error {
 		unix.Close(fd)
 		return fmt.Errorf("stub pid %d is not pid 1 of its namespace (NSpid %v)", pid, st.NSpid)
 	}
-	maps, err := procfs.Maps(pid)
-	if err != nil {
-		unix.Close(fd)
-		return fmt.Errorf("read stub pid %d maps: %w", pid, err)
-	}
-	if len(maps) == 0 || maps[0].Start != stubBase {
-		unix.Close(fd)
-		return fmt.Errorf("pid %d does not run the restore stub", pid)
+	// runc start returns before runc init has exec'd the stub, and runc
+	// (a Go binary) also maps its text at stubBase: wait until the
+	// process is the stub itself, its one page and the kernel's special
+	// mappings. Seized earlier, it would exec under us.
+	deadline := time.Now().Add(stubExecWait)
+	for {
+		maps, err := procfs.Maps(pid)
+		if err != nil {
+			unix.Close(fd)
+			return fmt.Errorf("read stub pid %d maps: %w", pid, err)
+		}
+		if isStub(maps) {
+			break
+		}
+		if time.Now().After(deadline) {
+			unix.Close(fd)
+			return fmt.Errorf("pid %d does not run the restore stub after %v (%d mappings, first %#x-%#x %s)",
+				pid, stubExecWait, len(maps), first(maps).Start, first(maps).End, first(maps).Path)
+		}
+		time.Sleep(time.Millisecond) // an exec has no event to wait on
 	}
 	r.stubPid, r.stubFd = pid, fd
 	return nil
+}
+
+// stubExecWait bounds the wait for an adopted stub's exec.
+const stubExecWait = 10 * time.Second
+
+// isStub reports whether maps are the restore stub's: its one page at
+// stubBase, the stack and the kernel's special mappings.
+func isStub(maps []procfs.Mapping) bool {
+	if len(maps) == 0 || maps[0].Start != stubBase || maps[0].End != stubBase+image.PageSize {
+		return false
+	}
+	for _, m := range maps[1:] {
+		if !m.IsSpecial() && m.Path != "[stack]" {
+			return false
+		}
+	}
+	return true
+}
+
+func first(maps []procfs.Mapping) procfs.Mapping {
+	if len(maps) == 0 {
+		return procfs.Mapping{}
+	}
+	return maps[0]
 }
 
 // Wait waits until the clone's namespace is gone. It returns the stub's
