@@ -30,6 +30,11 @@ import (
 // server (the source's read) and once by the client (UFFDIO_COPY straight
 // from the mapped slot), and the two copies run on different cores.
 //
+// Only a server whose Open answer sets bulk_stream speaks it: an older one
+// would take the magic for the header of a ~1.1 GiB ttrpc message and wait
+// for it. The client also gives up (ErrProtocol) when the first answer to
+// its first request takes longer than bulkSetupTimeout.
+//
 // Wire format. A bulk connection starts with bulkMagic; ttrpc's first
 // message header can never start with it (its length field would read
 // ~1.1 GiB, above ttrpc's 4 MiB limit), so the server tells the two apart
@@ -52,9 +57,12 @@ import (
 //
 // The server writes a slot only while the client does not own it; the
 // client checks every chunk like a ttrpc stream's (in order, inside the
-// requested ranges, no slot handed out twice). The memfd is sealed against
-// shrinking, growing and new writable mappings, so the client's mapping can
-// neither fault with SIGBUS nor be written to.
+// requested ranges, whole pages of at most the chunk size, no slot handed
+// out twice). The memfd is sealed against shrinking, growing and new
+// writable mappings (the client checks the seals and that it is on tmpfs),
+// so the client's mapping can neither fault with SIGBUS nor be written to
+// by anyone but the server. Descriptors other than the setup frame's one
+// break the protocol.
 
 // bulkMagic opens a bulk connection.
 var bulkMagic = [8]byte{'C', 'O', 'W', 'M', 'B', 'L', 'K', '1'}
@@ -71,9 +79,11 @@ const (
 const (
 	// frameHeader is a frame's length and type.
 	frameHeader = 5
-	// maxRequestFrame bounds a request frame; Client sends windows of at
-	// most bulkWindowChunks ranges, far below.
-	maxRequestFrame = 1 << 20
+	// maxRequestFrame bounds a request frame, so that a peer without the
+	// token cannot make the server buffer much. Client sends windows of at
+	// most bulkWindowRanges ranges (24 bytes each at most, encoded) and
+	// checks that its frame, token included, fits.
+	maxRequestFrame = 64 << 10
 	// maxEndFrame bounds an end frame's status message.
 	maxEndFrame = 64 << 10
 	// bulkSlots is the ring's slot count, of MaxChunkSize bytes each:
@@ -130,6 +140,9 @@ type bulkSession struct {
 	// readErr is set by the reader before it closes gone.
 	readErr error
 	gone    chan struct{}
+	// quit is closed once the writer has returned: nobody takes requests
+	// any more, so the reader must not wait to hand one over.
+	quit chan struct{}
 }
 
 // serveBulk runs a bulk session on conn, whose magic has been read, until
@@ -142,6 +155,7 @@ func (s *Server) serveBulk(conn *net.UnixConn) {
 		free: make(chan uint32, bulkSlots),
 		reqs: make(chan *pagesvc.StreamPagesRequest, 4),
 		gone: make(chan struct{}),
+		quit: make(chan struct{}),
 	}
 	var wg sync.WaitGroup
 	wg.Add(1)
@@ -150,7 +164,11 @@ func (s *Server) serveBulk(conn *net.UnixConn) {
 		b.readLoop()
 	}()
 	b.writeLoop()
-	// The reader ends once the connection is closed.
+	// The reader ends once it would hand over a request (quit) or once
+	// the connection is closed, whichever it is waiting for: a client
+	// pipelining requests after a refused one must not keep it parked
+	// on reqs until the server stops.
+	close(b.quit)
 	conn.Close()
 	wg.Wait()
 	if b.ring != nil {
@@ -179,6 +197,8 @@ func (b *bulkSession) readLoop() {
 			}
 			select {
 			case b.reqs <- req:
+			case <-b.quit:
+				return
 			case <-b.s.ctx.Done():
 				return
 			}
@@ -273,6 +293,18 @@ func (b *bulkSession) serve(req *pagesvc.StreamPagesRequest) error {
 	var f [frameHeader + 16]byte
 	for _, r := range req.GetRanges() {
 		for off := uint64(0); off < r.GetLength(); {
+			// Stop before the next chunk as soon as the server stops or
+			// the client hangs up; the select below picks at random
+			// among ready cases, so it alone would go on reading pages
+			// while slots are free.
+			if err := ctx.Err(); err != nil {
+				return s.fail(ctx, fmt.Errorf("stream pages: %w", err))
+			}
+			select {
+			case <-b.gone:
+				return fmt.Errorf("stream pages: client hung up: %w", ErrClosed)
+			default:
+			}
 			var slot uint32
 			select {
 			case slot = <-b.free:
@@ -331,25 +363,26 @@ const ringSeals = unix.F_SEAL_SHRINK | unix.F_SEAL_GROW | unix.F_SEAL_FUTURE_WRI
 // newRing creates a sealed memfd of size bytes, allocated up front so that
 // neither side takes a page fault per 4 KiB on first use, and maps it
 // writable. The caller owns fd and the mapping.
-func newRing(size int) (fd int, ring []byte, err error) {
-	fd, err = unix.MemfdCreate("cowmig-pages", unix.MFD_CLOEXEC|unix.MFD_ALLOW_SEALING)
+//
+// The seals go on after the writable mapping: F_SEAL_FUTURE_WRITE refuses
+// new writable mappings (the client's) but keeps existing ones (ours).
+func newRing(size int) (int, []byte, error) {
+	fd, err := unix.MemfdCreate("cowmig-pages", unix.MFD_CLOEXEC|unix.MFD_ALLOW_SEALING)
 	if err != nil {
 		return -1, nil, fmt.Errorf("memfd_create: %w", err)
 	}
-	defer func() {
-		if err != nil {
-			unix.Close(fd)
-		}
-	}()
 	if err := unix.Fallocate(fd, 0, 0, int64(size)); err != nil {
+		unix.Close(fd)
 		return -1, nil, fmt.Errorf("allocate ring of %d bytes: %w", size, err)
 	}
-	ring, err = unix.Mmap(fd, 0, size, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED|unix.MAP_POPULATE)
+	ring, err := unix.Mmap(fd, 0, size, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED|unix.MAP_POPULATE)
 	if err != nil {
+		unix.Close(fd)
 		return -1, nil, fmt.Errorf("map ring: %w", err)
 	}
 	if _, err := unix.FcntlInt(uintptr(fd), unix.F_ADD_SEALS, ringSeals); err != nil {
 		unix.Munmap(ring)
+		unix.Close(fd)
 		return -1, nil, fmt.Errorf("seal ring: %w", err)
 	}
 	return fd, ring, nil
@@ -364,6 +397,23 @@ func (s *Server) sniffBulk(uc *net.UnixConn) (prefix []byte, done bool, err erro
 	if err != nil || p != bulkMagic {
 		return p[:n], false, err
 	}
+	if !s.beginBulk() {
+		return nil, true, nil // stopping: the caller closes uc
+	}
+	defer s.bulkSessions.Done()
 	s.serveBulk(uc)
 	return nil, true, nil
+}
+
+// beginBulk counts a bulk session in s.bulkSessions unless the server is
+// stopping. Shutdown and Close set stopping before they pass through mu,
+// so a session either is counted before they wait or does not start.
+func (s *Server) beginBulk() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.stopping.Load() {
+		return false
+	}
+	s.bulkSessions.Add(1)
+	return true
 }

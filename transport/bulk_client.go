@@ -7,8 +7,10 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"os"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/codes"
@@ -27,8 +29,19 @@ const (
 	// waits for one between windows.
 	bulkWindowBytes  = 256 << 20
 	bulkWindowsAhead = 2
-	// maxRingBytes bounds the ring a server may hand out.
+	// bulkWindowRanges bounds the ranges of one request, so that its frame
+	// stays under the server's maxRequestFrame (a range encodes in at
+	// most 24 bytes).
+	bulkWindowRanges = 1024
+	// maxRingSlots and maxRingBytes bound the ring a server may hand out
+	// (slots of at most MaxChunkSize bytes).
+	maxRingSlots = 1024
 	maxRingBytes = 1 << 30
+	// bulkSetupTimeout bounds the wait for the server's first frame after
+	// the first request. A server that speaks the bulk stream answers at
+	// once (the ring, or a refusal); one that does not would leave the
+	// stream, and the clone's faults waiting on it, stalled forever.
+	bulkSetupTimeout = 10 * time.Second
 )
 
 // clientRing is the client's read-only mapping of a bulk stream's ring. It
@@ -48,15 +61,27 @@ func (r *clientRing) unref() {
 	}
 }
 
-// mapRing maps the ring fd the server sent, after checking that its seals
-// fix its size (the mapping can never SIGBUS) and that it is large enough.
+// clientRingSeals are the seals mapRing requires: a fixed size (the
+// mapping can never SIGBUS) and no new writable mapping (nobody but the
+// server, which mapped it before sealing, can change a slot).
+const clientRingSeals = unix.F_SEAL_SHRINK | unix.F_SEAL_GROW | unix.F_SEAL_FUTURE_WRITE
+
+// mapRing maps the ring fd the server sent, after checking that it is a
+// memfd (tmpfs) sealed with clientRingSeals and large enough.
 func mapRing(fd, slots, slotSize int) (*clientRing, error) {
+	var fs unix.Statfs_t
+	if err := unix.Fstatfs(fd, &fs); err != nil {
+		return nil, fmt.Errorf("ring statfs: %w", err)
+	}
+	if fs.Type != unix.TMPFS_MAGIC {
+		return nil, fmt.Errorf("ring on a file system of type %#x, not tmpfs: %w", fs.Type, ErrProtocol)
+	}
 	seals, err := unix.FcntlInt(uintptr(fd), unix.F_GET_SEALS, 0)
 	if err != nil {
-		return nil, fmt.Errorf("ring seals: %w", err)
+		return nil, fmt.Errorf("ring seals: %w (%w)", ErrProtocol, err)
 	}
-	if seals&(unix.F_SEAL_SHRINK|unix.F_SEAL_GROW) != unix.F_SEAL_SHRINK|unix.F_SEAL_GROW {
-		return nil, fmt.Errorf("ring seals %#x do not fix its size: %w", seals, ErrProtocol)
+	if seals&clientRingSeals != clientRingSeals {
+		return nil, fmt.Errorf("ring seals %#x, need %#x: %w", seals, clientRingSeals, ErrProtocol)
 	}
 	var st unix.Stat_t
 	if err := unix.Fstat(fd, &st); err != nil {
@@ -82,9 +107,16 @@ type bulkConn struct {
 	rbuf []byte
 	roff int
 	oob  []byte
+	// got counts the bytes read from conn so far: descriptors may only
+	// come with the first read, the one holding the setup frame (always
+	// the server's first frame when it comes at all).
+	got int64
 	// fds received and not yet claimed by a setup frame.
-	fds  []int
-	ring *clientRing
+	fds []int
+	// setupDeadline is set while the server's first frame is awaited
+	// under a read deadline.
+	setupDeadline time.Duration
+	ring          *clientRing
 	// mu guards held: the slots the caller holds.
 	mu   sync.Mutex
 	held []bool
@@ -120,9 +152,7 @@ func (c *Client) streamBulk(ctx context.Context, proc uint32, ranges []Range, ch
 		stop1()
 		stop2()
 		b.conn.Close()
-		for _, fd := range b.fds {
-			unix.Close(fd)
-		}
+		closeFds(b.fds)
 		if b.ring != nil {
 			b.ring.unref()
 		}
@@ -133,7 +163,7 @@ func (c *Client) streamBulk(ctx context.Context, proc uint32, ranges []Range, ch
 	if _, err := b.conn.Write(bulkMagic[:]); err != nil {
 		return fmt.Errorf("stream: %w (%w)", ErrClosed, err)
 	}
-	windows := splitRanges(ranges, bulkWindowBytes, uint64(chunk))
+	windows := capRanges(splitRanges(ranges, bulkWindowBytes, uint64(chunk)), bulkWindowRanges)
 	sent := 0
 	for i, w := range windows {
 		for sent < len(windows) && sent <= i+bulkWindowsAhead-1 {
@@ -141,6 +171,14 @@ func (c *Client) streamBulk(ctx context.Context, proc uint32, ranges []Range, ch
 				return err
 			}
 			sent++
+		}
+		if i == 0 {
+			// Cancellation cuts the connection rather than using
+			// deadlines, so this one is the only deadline on it.
+			if err := b.conn.SetReadDeadline(time.Now().Add(c.bulkSetupTimeout)); err != nil {
+				return fmt.Errorf("stream: %w (%w)", ErrClosed, err)
+			}
+			b.setupDeadline = c.bulkSetupTimeout
 		}
 		if err := b.consume(ctx, w, chunk, fn); err != nil {
 			return err
@@ -154,6 +192,11 @@ func (b *bulkConn) request(c *Client, proc uint32, w batch, chunk int) error {
 	p, err := proto.Marshal(&pagesvc.StreamPagesRequest{Token: c.token, Process: proc, Ranges: w.ranges, ChunkSize: uint32(chunk)})
 	if err != nil {
 		return fmt.Errorf("stream: encode request: %w", err)
+	}
+	if len(p) > maxRequestFrame {
+		// Only a huge token gets here: windows hold at most
+		// bulkWindowRanges ranges.
+		return fmt.Errorf("stream pages %#x: request of %d bytes, the bulk stream takes %d: %w", w.ranges[0].GetAddr(), len(p), maxRequestFrame, ErrBadRequest)
 	}
 	f := appendFrameHeader(make([]byte, 0, frameHeader+len(p)), frameRequest, len(p))
 	if _, err := b.conn.Write(append(f, p...)); err != nil {
@@ -173,7 +216,23 @@ func (b *bulkConn) consume(ctx context.Context, w batch, chunk int, fn func(uint
 		}
 		typ, p, err := b.frame()
 		if err != nil {
+			if b.setupDeadline != 0 && errors.Is(err, os.ErrDeadlineExceeded) {
+				return fmt.Errorf("stream pages %#x: no answer to the bulk stream's first request within %v (a server without the bulk stream?): %w (%w)",
+					w.ranges[0].GetAddr(), b.setupDeadline, ErrProtocol, err)
+			}
 			return fmt.Errorf("stream pages %#x: %w (%w)", w.ranges[0].GetAddr(), ErrClosed, err)
+		}
+		if b.setupDeadline != 0 {
+			b.setupDeadline = 0
+			if err := b.conn.SetReadDeadline(time.Time{}); err != nil {
+				return fmt.Errorf("stream pages: %w (%w)", ErrClosed, err)
+			}
+		}
+		if typ != frameSetup && len(b.fds) > 0 {
+			n := len(b.fds)
+			closeFds(b.fds)
+			b.fds = nil
+			return fmt.Errorf("stream pages: %d descriptors with a frame of type %d: %w", n, typ, ErrProtocol)
 		}
 		switch typ {
 		case frameSetup:
@@ -202,9 +261,9 @@ func (b *bulkConn) consume(ctx context.Context, w batch, chunk int, fn func(uint
 				return fmt.Errorf("stream pages: chunk %#x after the last one: %w", addr, ErrProtocol)
 			}
 			r := w.ranges[i]
-			if addr != r.GetAddr()+off || n == 0 || n > uint64(chunk) || n > r.GetLength()-off || slot >= b.ring.slots {
-				return fmt.Errorf("stream pages: chunk %#x+%#x in slot %d, expected one at %#x+%#x at most: %w",
-					addr, n, slot, r.GetAddr()+off, r.GetLength()-off, ErrProtocol)
+			if addr != r.GetAddr()+off || n == 0 || n > uint64(chunk) || n%uint64(pageSizeOf()) != 0 || n > r.GetLength()-off || slot >= b.ring.slots {
+				return fmt.Errorf("stream pages: chunk %#x+%#x in slot %d, expected one at %#x+%#x at most, in pages, of at most %#x, in one of %d slots: %w",
+					addr, n, slot, r.GetAddr()+off, r.GetLength()-off, chunk, b.ring.slots, ErrProtocol)
 			}
 			b.mu.Lock()
 			dup := b.held[slot]
@@ -250,18 +309,21 @@ func (b *bulkConn) releaser(slot int) func() {
 
 // setup maps the ring a setup frame announces.
 func (b *bulkConn) setup(p []byte, chunk int) error {
-	if b.ring != nil || len(p) != 8 || len(b.fds) != 1 {
-		return fmt.Errorf("setup frame of %d bytes with %d fds (ring already set up: %v): %w", len(p), len(b.fds), b.ring != nil, ErrProtocol)
+	// The mapping keeps the memfd alive; its descriptors are not needed
+	// past this frame, whatever its fate.
+	fds := b.fds
+	b.fds = nil
+	defer closeFds(fds)
+	if b.ring != nil || len(p) != 8 || len(fds) != 1 {
+		return fmt.Errorf("setup frame of %d bytes with %d fds (ring already set up: %v): %w", len(p), len(fds), b.ring != nil, ErrProtocol)
 	}
 	slots := int(binary.LittleEndian.Uint32(p))
 	size := int(binary.LittleEndian.Uint32(p[4:]))
-	if slots < 1 || size < chunk || size%pageSizeOf() != 0 || slots*size > maxRingBytes {
+	// Each bounded first, so that the product cannot overflow.
+	if slots < 1 || slots > maxRingSlots || size < chunk || size > MaxChunkSize || size%pageSizeOf() != 0 || slots*size > maxRingBytes {
 		return fmt.Errorf("ring of %d slots of %d bytes for chunks of %d: %w", slots, size, chunk, ErrProtocol)
 	}
-	fd := b.fds[0]
-	b.fds = b.fds[:0]
-	defer unix.Close(fd)
-	r, err := mapRing(fd, slots, size)
+	r, err := mapRing(fds[0], slots, size)
 	if err != nil {
 		return err
 	}
@@ -307,10 +369,11 @@ func (b *bulkConn) fill(n int) error {
 		m, oobn, flags, _, err := b.conn.ReadMsgUnix(b.rbuf[len(b.rbuf):cap(b.rbuf)], b.oob)
 		m, oobn = max(m, 0), max(oobn, 0) // -1 on some errors
 		if oobn > 0 {
-			if perr := b.takeFds(b.oob[:oobn]); perr != nil {
+			if perr := b.takeFds(b.oob[:oobn], b.got == 0); perr != nil {
 				return perr
 			}
 		}
+		b.got += int64(m)
 		if flags&unix.MSG_CTRUNC != 0 {
 			return fmt.Errorf("bulk stream: ancillary data truncated: %w", ErrProtocol)
 		}
@@ -328,20 +391,59 @@ func (b *bulkConn) fill(n int) error {
 	return nil
 }
 
-// takeFds records the descriptors of SCM_RIGHTS messages.
-func (b *bulkConn) takeFds(oob []byte) error {
+// takeFds records the descriptors of SCM_RIGHTS messages: exactly one,
+// the ring's, on the read that holds the setup frame (first says this read
+// is the connection's first). Any other descriptors break the protocol and
+// are closed at once, so that a hostile server cannot fill the client's
+// descriptor table.
+func (b *bulkConn) takeFds(oob []byte, first bool) error {
 	msgs, err := unix.ParseSocketControlMessage(oob)
 	if err != nil {
 		return fmt.Errorf("bulk stream: ancillary data: %w (%w)", ErrProtocol, err)
 	}
+	var fds []int
 	for _, m := range msgs {
-		fds, err := unix.ParseUnixRights(&m)
+		f, err := unix.ParseUnixRights(&m)
 		if err != nil {
-			continue
+			continue // not SCM_RIGHTS
 		}
-		b.fds = append(b.fds, fds...)
+		fds = append(fds, f...)
 	}
+	if len(fds) == 0 {
+		return nil
+	}
+	if !first || len(fds) != 1 || len(b.fds) > 0 || b.ring != nil {
+		// The stream is over: those received before go too.
+		closeFds(fds)
+		closeFds(b.fds)
+		b.fds = nil
+		return fmt.Errorf("bulk stream: %d descriptors outside the setup frame: %w", len(fds), ErrProtocol)
+	}
+	b.fds = append(b.fds, fds...)
 	return nil
+}
+
+func closeFds(fds []int) {
+	for _, fd := range fds {
+		unix.Close(fd)
+	}
+}
+
+// capRanges splits the batches of more than limit ranges.
+func capRanges(bs []batch, limit int) []batch {
+	out := make([]batch, 0, len(bs))
+	for _, b := range bs {
+		for len(b.ranges) > limit {
+			head := batch{ranges: b.ranges[:limit:limit]}
+			for _, r := range head.ranges {
+				head.bytes += r.GetLength()
+			}
+			out = append(out, head)
+			b.ranges, b.bytes = b.ranges[limit:], b.bytes-head.bytes
+		}
+		out = append(out, b)
+	}
+	return out
 }
 
 func pageSizeOf() int { return unix.Getpagesize() }

@@ -8,6 +8,7 @@ import (
 	"io"
 	"net"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/codes"
@@ -117,7 +118,7 @@ func recvFrame(t *testing.T, c *net.UnixConn) (byte, []byte, int) {
 		var one [1]byte
 		n, oobn, _, _, err := c.ReadMsgUnix(one[:], b.oob)
 		if oobn > 0 {
-			if err := b.takeFds(b.oob[:oobn]); err != nil {
+			if err := b.takeFds(b.oob[:oobn], true); err != nil {
 				t.Fatal(err)
 			}
 		}
@@ -185,6 +186,10 @@ func TestBulkProtocol(t *testing.T) {
 	binary.LittleEndian.PutUint32(rel[:], slot)
 	sendFrame(t, c, frameRelease, rel[:])
 	sendFrame(t, c, frameRelease, rel[:])
+	// A server that kept the connection would hang the read: bound it.
+	if err := c.SetReadDeadline(time.Now().Add(10 * time.Second)); err != nil {
+		t.Fatal(err)
+	}
 	if _, err := io.ReadAll(c); err != nil && !errors.Is(err, unix.ECONNRESET) {
 		t.Fatalf("after a double release: %v, want the connection closed", err)
 	}
@@ -225,4 +230,43 @@ func requireRing(t *testing.T) {
 		t.Skipf("memfd_create: %v", err)
 	}
 	unix.Close(fd)
+}
+
+// TestBulkWindowRanges: a window of many small ranges is cut to
+// bulkWindowRanges ranges, whose request frame (with a full-size token and
+// the largest addresses) fits the server's maxRequestFrame.
+func TestBulkWindowRanges(t *testing.T) {
+	const n = 2*bulkWindowRanges + 5
+	var ranges []Range
+	for i := range uint64(n) {
+		ranges = append(ranges, Range{Addr: 1<<63 + 2*i*pageSz, Len: pageSz})
+	}
+	windows := capRanges(splitRanges(ranges, bulkWindowBytes, pageSz), bulkWindowRanges)
+	var seen int
+	for _, w := range windows {
+		if len(w.ranges) > bulkWindowRanges {
+			t.Fatalf("window of %d ranges", len(w.ranges))
+		}
+		var total uint64
+		for _, r := range w.ranges {
+			if r.GetAddr() != ranges[seen].Addr || r.GetLength() != ranges[seen].Len {
+				t.Fatalf("range %d: %#x+%#x, want %#x+%#x", seen, r.GetAddr(), r.GetLength(), ranges[seen].Addr, ranges[seen].Len)
+			}
+			total += r.GetLength()
+			seen++
+		}
+		if total != w.bytes {
+			t.Fatalf("window of %d bytes says %d", total, w.bytes)
+		}
+		p, err := proto.Marshal(&pagesvc.StreamPagesRequest{Token: make([]byte, TokenSize), Process: ^uint32(0), Ranges: w.ranges, ChunkSize: MaxChunkSize})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(p) > maxRequestFrame {
+			t.Fatalf("request of %d bytes, the server takes %d", len(p), maxRequestFrame)
+		}
+	}
+	if seen != n || len(windows) != 3 {
+		t.Fatalf("%d ranges in %d windows, want %d in 3", seen, len(windows), n)
+	}
 }

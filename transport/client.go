@@ -72,6 +72,13 @@ type Client struct {
 
 	// heldBufs holds *[]byte of MaxChunkSize for StreamHeld over ttrpc.
 	heldBufs sync.Pool
+	// bulkOffered: the server's Open offered the bulk stream. A server
+	// that predates it would read the bulk magic as the header of a
+	// ~1.1 GiB ttrpc message and wait for it forever.
+	bulkOffered bool
+	// bulkSetupTimeout bounds the wait for the server's first bulk frame
+	// (bulkSetupTimeout; shorter in tests).
+	bulkSetupTimeout time.Duration
 	// noBulk makes streams use ttrpc on a unix socket too (tests).
 	noBulk bool
 
@@ -104,6 +111,8 @@ func Dial(ctx context.Context, addr string, token []byte, clientID string, tlsCf
 		pageSize: uint64(os.Getpagesize()),
 		ctx:      cctx,
 		cancel:   cancel,
+
+		bulkSetupTimeout: bulkSetupTimeout,
 	}
 	c.heldBufs.New = func() any {
 		b := make([]byte, MaxChunkSize)
@@ -125,6 +134,7 @@ func Dial(ctx context.Context, addr string, token []byte, clientID string, tlsCf
 		return nil, fmt.Errorf("open %s: server answered version %d: %w", addr, v, ErrVersion)
 	}
 	c.snapshotID = resp.GetSnapshotId()
+	c.bulkOffered = resp.GetBulkStream()
 	for _, p := range resp.GetProcesses() {
 		c.procs = append(c.procs, ProcessInfo{ID: p.GetId(), PagesTotal: p.GetPagesTotal()})
 	}
@@ -247,6 +257,12 @@ func (c *Client) StreamHeld(ctx context.Context, proc uint32, ranges []Range, ch
 	}
 	return c.streamRPC(ctx, proc, ranges, chunk, func(addr uint64, data []byte) error {
 		bp := c.heldBufs.Get().(*[]byte)
+		if len(data) > cap(*bp) {
+			// window.consume refuses chunks above the chunk size; this
+			// guards the slicing below whatever it lets through.
+			c.heldBufs.Put(bp)
+			return fmt.Errorf("stream pages: chunk %#x of %d bytes, buffers hold %d: %w", addr, len(data), cap(*bp), ErrProtocol)
+		}
 		b := (*bp)[:len(data)]
 		copy(b, data)
 		var once sync.Once
@@ -255,10 +271,10 @@ func (c *Client) StreamHeld(ctx context.Context, proc uint32, ranges []Range, ch
 }
 
 // bulkUsable says whether streams go through shared memory: on a unix
-// socket, unless a test turned it off.
+// socket to a server that offered it, unless a test turned it off.
 func (c *Client) bulkUsable() bool {
 	network, _, err := ParseAddr(c.addr)
-	return err == nil && network == "unix" && !c.noBulk
+	return err == nil && network == "unix" && c.bulkOffered && !c.noBulk
 }
 
 // checkStream validates a stream's arguments and returns the chunk size.
@@ -455,6 +471,8 @@ type window struct {
 	c      *Client
 	stream ttrpc.ClientStream
 	ranges []*pagesvc.Range
+	// chunk is the requested chunk size, the most data a chunk may carry.
+	chunk uint64
 	// msg receives the chunks; Stream shares one among its windows, so
 	// the data buffer is allocated once per call.
 	msg *dataIn
@@ -472,7 +490,7 @@ func (c *Client) openWindow(svc pagesvc.PagesClient, proc uint32, b batch, chunk
 	if err != nil {
 		return nil, fromStatus(fmt.Sprintf("stream pages %#x+%#x", b.ranges[0].GetAddr(), b.bytes), err)
 	}
-	return &window{c: c, stream: st, ranges: b.ranges, msg: msg}, nil
+	return &window{c: c, stream: st, ranges: b.ranges, chunk: uint64(chunk), msg: msg}, nil
 }
 
 // consume receives the window's chunks, checks that they cover its ranges
@@ -486,9 +504,11 @@ func (w *window) consume(ctx context.Context, fn func(uint64, []byte) error) err
 		}
 		data := msg.data()
 		n := uint64(len(data))
-		if msg.addr != r.GetAddr() || n == 0 || n > r.GetLength() {
-			return fmt.Errorf("stream pages: chunk %#x+%#x, expected one at %#x+%#x at most: %w",
-				msg.addr, n, r.GetAddr(), r.GetLength(), ErrProtocol)
+		// A chunk above the requested size would overrun StreamHeld's
+		// buffers, and one of a partial page could not be mapped.
+		if msg.addr != r.GetAddr() || n == 0 || n > r.GetLength() || n > w.chunk || n%w.c.pageSize != 0 {
+			return fmt.Errorf("stream pages: chunk %#x+%#x, expected one at %#x+%#x at most, in pages, of at most %#x: %w",
+				msg.addr, n, r.GetAddr(), r.GetLength(), w.chunk, ErrProtocol)
 		}
 		if err := fn(msg.addr, data); err != nil {
 			return err

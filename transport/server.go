@@ -107,6 +107,15 @@ type Server struct {
 	// conns holds every accepted connection not yet closed, so that Close
 	// can cut connections ttrpc still considers busy; guarded by mu.
 	conns map[*trackedConn]struct{}
+	// bulkSessions counts running bulk sessions (bulk.go); Shutdown and
+	// Close wait for them once their connections are cut. Added to only
+	// under mu while not stopping (beginBulk).
+	bulkSessions sync.WaitGroup
+
+	// noBulk makes the server behave as one that predates the bulk
+	// stream: Open does not offer it and unix connections all go to ttrpc
+	// (tests of version skew).
+	noBulk bool
 }
 
 // session is one client's state between Open and Close.
@@ -183,8 +192,10 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	if err := s.rpc.Shutdown(ctx); err != nil {
 		s.closeConns()
 		s.rpc.Close()
+		s.waitBulk()
 		return fmt.Errorf("shutdown: %w", err)
 	}
+	s.waitBulk()
 	return nil
 }
 
@@ -193,10 +204,25 @@ func (s *Server) Close() error {
 	s.stopping.Store(true)
 	s.cancel()
 	s.closeConns()
-	if err := s.rpc.Close(); err != nil {
+	err := s.rpc.Close()
+	s.waitBulk()
+	if err != nil {
 		return fmt.Errorf("close: %w", err)
 	}
 	return nil
+}
+
+// waitBulk cuts the connections of bulk sessions (ttrpc sees them as idle
+// and may have closed them already) and waits for the sessions to end:
+// with s.ctx cancelled and their connection closed, both of a session's
+// goroutines return promptly.
+//
+// Preconditions: stopping is set and s.ctx cancelled.
+func (s *Server) waitBulk() {
+	// closeConns passes through mu, so a beginBulk that did not see
+	// stopping has counted its session before the Wait below.
+	s.closeConns()
+	s.bulkSessions.Wait()
 }
 
 // Release releases the snapshot as if a client had asked: it waits for page
@@ -310,6 +336,7 @@ func (h handler) Open(ctx context.Context, req *pagesvc.OpenRequest) (*pagesvc.O
 		ProtocolVersion: ProtocolVersion,
 		SnapshotId:      s.snapshotID,
 		Processes:       make([]*pagesvc.ProcessInfo, len(procs)),
+		BulkStream:      !s.noBulk,
 	}
 	for i, p := range procs {
 		resp.Processes[i] = &pagesvc.ProcessInfo{Id: p.ID, PagesTotal: p.PagesTotal}
@@ -543,7 +570,7 @@ func (l *trackingListener) Accept() (net.Conn, error) {
 		_ = uc.SetWriteBuffer(unixWriteBuffer)
 	}
 	tc := &trackedConn{Conn: c, s: l.s}
-	if uc, ok := c.(*net.UnixConn); ok {
+	if uc, ok := c.(*net.UnixConn); ok && !l.s.noBulk {
 		tc.unix = uc
 	}
 	if l.tls != nil {

@@ -42,6 +42,10 @@ type readahead struct {
 // chunk is a streamed chunk the readahead holds; release gives its memory
 // back to the stream. A chunk that view is reading from is pinned: it is
 // released only when the last reader is done.
+//
+// release may write to a socket (the bulk stream's release frame), so it
+// is never called with readahead.mu held: the fault path (take, view)
+// would wait for that write behind the lock.
 type chunk struct {
 	addr    uint64
 	data    []byte
@@ -113,40 +117,51 @@ var errStopped = errors.New("readahead stopped")
 func (ra *readahead) stop(cancel context.CancelFunc) {
 	ra.mu.Lock()
 	ra.done = true
+	var free []*chunk
 	for _, c := range ra.chunks {
-		ra.dropLocked(c)
+		free = ra.dropLocked(free, c)
 	}
 	ra.chunks, ra.buffered = nil, 0
 	started := ra.started
 	ra.cond.Broadcast()
 	ra.mu.Unlock()
+	releaseChunks(free)
 	cancel()
 	if started {
 		<-ra.finished
 	}
 }
 
-// dropLocked releases c now, or when its last reader is done.
+// dropLocked marks c dropped and appends it to free if it is to be
+// released now; otherwise its last reader releases it.
 //
 // Preconditions: ra.mu is held; c is no longer in ra.chunks (or is about
 // to be removed).
-func (ra *readahead) dropLocked(c *chunk) {
+func (ra *readahead) dropLocked(free []*chunk, c *chunk) []*chunk {
 	c.dropped = true
 	if c.pins == 0 {
+		free = append(free, c)
+	}
+	return free
+}
+
+// releaseChunks releases chunks dropped under ra.mu, after it is unlocked.
+func releaseChunks(free []*chunk) {
+	for _, c := range free {
 		c.release()
 	}
 }
 
 // dropBelowLocked drops the chunks wholly below addr: they will not be
 // asked for again (the fill moves up, and faults below it find their
-// pages local).
+// pages local). It appends those to release to free.
 //
 // Preconditions: ra.mu is held.
-func (ra *readahead) dropBelowLocked(addr uint64) {
+func (ra *readahead) dropBelowLocked(free []*chunk, addr uint64) []*chunk {
 	i := 0
 	for i < len(ra.chunks) && ra.chunks[i].addr+uint64(len(ra.chunks[i].data)) <= addr {
 		ra.buffered -= len(ra.chunks[i].data)
-		ra.dropLocked(ra.chunks[i])
+		free = ra.dropLocked(free, ra.chunks[i])
 		ra.chunks[i] = nil
 		i++
 	}
@@ -154,19 +169,30 @@ func (ra *readahead) dropBelowLocked(addr uint64) {
 		ra.chunks = ra.chunks[i:]
 		ra.cond.Broadcast()
 	}
+	return free
 }
 
 // take fills buf from the stream if it has (or will shortly have) every
 // page of [addr, addr+len(buf)).
 func (ra *readahead) take(addr uint64, buf []byte) bool {
+	var free []*chunk
 	ra.mu.Lock()
-	defer ra.mu.Unlock()
+	ok := ra.takeLocked(&free, addr, buf)
+	ra.mu.Unlock()
+	releaseChunks(free)
+	return ok
+}
+
+// takeLocked is take; it appends the chunks to release to *free.
+//
+// Preconditions: ra.mu is held.
+func (ra *readahead) takeLocked(free *[]*chunk, addr uint64, buf []byte) bool {
 	if !ra.started {
 		return false
 	}
 	end := addr + uint64(len(buf))
 	for {
-		ra.dropBelowLocked(addr)
+		*free = ra.dropBelowLocked(*free, addr)
 		if ra.covered(addr, end, buf) {
 			return true
 		}
@@ -186,29 +212,35 @@ func (ra *readahead) view(addr uint64, n int, fn func([]byte) error) (bool, erro
 		ra.mu.Unlock()
 		return false, nil
 	}
-	var c *chunk
+	var (
+		c    *chunk
+		free []*chunk
+	)
 	for {
-		ra.dropBelowLocked(addr)
+		free = ra.dropBelowLocked(free, addr)
 		if len(ra.chunks) > 0 && ra.chunks[0].addr <= addr {
 			c = ra.chunks[0] // the first chunk ends above addr
 			break
 		}
 		if ra.done || addr < ra.head || addr >= ra.head+raWait {
 			ra.mu.Unlock()
+			releaseChunks(free)
 			return false, nil // passed, stopped, or too far ahead
 		}
 		ra.cond.Wait()
 	}
 	c.pins++
 	ra.mu.Unlock()
+	releaseChunks(free)
 	off := addr - c.addr
 	err := fn(c.data[off:min(uint64(len(c.data)), off+uint64(n))])
 	ra.mu.Lock()
 	c.pins--
-	if c.pins == 0 && c.dropped {
+	last := c.pins == 0 && c.dropped
+	ra.mu.Unlock()
+	if last {
 		c.release()
 	}
-	ra.mu.Unlock()
 	return true, err
 }
 

@@ -196,8 +196,13 @@ type OpenResponse struct {
 	ProtocolVersion uint32                 `protobuf:"varint,1,opt,name=protocol_version,json=protocolVersion,proto3" json:"protocol_version,omitempty"`
 	SnapshotId      string                 `protobuf:"bytes,2,opt,name=snapshot_id,json=snapshotId,proto3" json:"snapshot_id,omitempty"`
 	Processes       []*ProcessInfo         `protobuf:"bytes,3,rep,name=processes,proto3" json:"processes,omitempty"`
-	unknownFields   protoimpl.UnknownFields
-	sizeCache       protoimpl.SizeCache
+	// bulk_stream: on a unix socket, the server also accepts the
+	// shared-memory bulk stream (transport/bulk.go) next to StreamPages. A
+	// server that predates it leaves this false, and the client must not
+	// send it the bulk magic (it would read it as a ~1.1 GiB ttrpc frame).
+	BulkStream    bool `protobuf:"varint,4,opt,name=bulk_stream,json=bulkStream,proto3" json:"bulk_stream,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *OpenResponse) Reset() {
@@ -249,6 +254,13 @@ func (x *OpenResponse) GetProcesses() []*ProcessInfo {
 		return x.Processes
 	}
 	return nil
+}
+
+func (x *OpenResponse) GetBulkStream() bool {
+	if x != nil {
+		return x.BulkStream
+	}
+	return false
 }
 
 // Range is a page-aligned span of a process's address space.
@@ -814,12 +826,14 @@ const file_pages_proto_rawDesc = "" +
 	"\vProcessInfo\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\rR\x02id\x12\x1f\n" +
 	"\vpages_total\x18\x02 \x01(\x04R\n" +
-	"pagesTotal\"\x9a\x01\n" +
+	"pagesTotal\"\xbb\x01\n" +
 	"\fOpenResponse\x12)\n" +
 	"\x10protocol_version\x18\x01 \x01(\rR\x0fprotocolVersion\x12\x1f\n" +
 	"\vsnapshot_id\x18\x02 \x01(\tR\n" +
 	"snapshotId\x12>\n" +
-	"\tprocesses\x18\x03 \x03(\v2 .cowmig.transport.v1.ProcessInfoR\tprocesses\"3\n" +
+	"\tprocesses\x18\x03 \x03(\v2 .cowmig.transport.v1.ProcessInfoR\tprocesses\x12\x1f\n" +
+	"\vbulk_stream\x18\x04 \x01(\bR\n" +
+	"bulkStream\"3\n" +
 	"\x05Range\x12\x12\n" +
 	"\x04addr\x18\x01 \x01(\x04R\x04addr\x12\x16\n" +
 	"\x06length\x18\x02 \x01(\x04R\x06length\"u\n" +
