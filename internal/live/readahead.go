@@ -199,8 +199,23 @@ func (ra *readahead) takeLocked(free *[]*chunk, addr uint64, buf []byte) bool {
 		if ra.done || end <= ra.head || addr >= ra.head+raWait {
 			return false // passed, stopped, or too far ahead
 		}
-		ra.cond.Wait()
+		ra.waitLocked(free)
 	}
+}
+
+// waitLocked releases the chunks in *free, which the stream may need to
+// send more (their slots), then waits for the stream.
+//
+// Preconditions: ra.mu is held; it is dropped and taken again.
+func (ra *readahead) waitLocked(free *[]*chunk) {
+	if len(*free) > 0 {
+		ra.mu.Unlock()
+		releaseChunks(*free)
+		*free = nil
+		ra.mu.Lock()
+		return // the state may have moved: look again before waiting
+	}
+	ra.cond.Wait()
 }
 
 // view calls fn with the streamed content of [addr, addr+m) for some
@@ -227,7 +242,7 @@ func (ra *readahead) view(addr uint64, n int, fn func([]byte) error) (bool, erro
 			releaseChunks(free)
 			return false, nil // passed, stopped, or too far ahead
 		}
-		ra.cond.Wait()
+		ra.waitLocked(&free)
 	}
 	c.pins++
 	ra.mu.Unlock()

@@ -5,6 +5,7 @@ import (
 	"context"
 	"sync"
 	"testing"
+	"time"
 )
 
 // TestReadaheadReleaseUnlocked checks that every path that drops chunks
@@ -68,5 +69,41 @@ func TestReadaheadReleaseUnlocked(t *testing.T) {
 	ra.stop(cancel)
 	if released[3*size] != 1 || len(released) != 4 {
 		t.Fatalf("after stop: releases %v, want each of 4 chunks once", released)
+	}
+}
+
+// A fault that waits for the stream must first release the chunks it
+// dropped: their ring slots are what the stream needs to send more. With
+// two slots, a take two chunks ahead deadlocked (the CLI's lazy restores
+// hung with every clone thread in handle_userfault).
+func TestReadaheadWaitReleasesFirst(t *testing.T) {
+	const size = 4096
+	ra := &readahead{finished: make(chan struct{}), started: true}
+	ra.cond = sync.NewCond(&ra.mu)
+	slots := make(chan struct{}, 2) // a ring of two slots, both in use
+	rel := func() { slots <- struct{}{} }
+	for i := range uint64(2) {
+		ra.chunks = append(ra.chunks, &chunk{addr: i * size, data: bytes.Repeat([]byte{byte(i + 1)}, size), release: rel})
+		ra.buffered += size
+		ra.head = (i + 1) * size
+	}
+	go func() { // the stream: a chunk per freed slot
+		for i := uint64(2); i < 4; i++ {
+			<-slots
+			if err := ra.add(i*size, bytes.Repeat([]byte{byte(i + 1)}, size), rel); err != nil {
+				t.Errorf("add chunk %d: %v", i, err)
+			}
+		}
+	}()
+	done := make(chan bool, 1)
+	buf := make([]byte, size)
+	go func() { done <- ra.take(3*size, buf) }()
+	select {
+	case ok := <-done:
+		if !ok || !bytes.Equal(buf, bytes.Repeat([]byte{4}, size)) {
+			t.Fatalf("take of chunk 3: %v", ok)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("take waited for the stream while holding the chunks it dropped")
 	}
 }
