@@ -79,6 +79,27 @@ func parseKV(t *testing.T, line, want string) kvState {
 	return kvState{n, s}
 }
 
+// waitCountAbove waits (10 s at most) until the kvserver at addr counts
+// more steps than n: it runs on.
+func waitCountAbove(t *testing.T, h *ctrtest.Host, addr string, n uint64, who string) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		var c uint64
+		line := query(t, h, addr, "GET")
+		if _, err := fmt.Sscanf(line, "count %d", &c); err != nil {
+			t.Fatalf("%s answered GET with %q", who, line)
+		}
+		if c > n {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s does not run on: count %d, then %d after 10 s", who, n, c)
+		}
+		time.Sleep(10 * time.Millisecond) // the workload's progress has no event to wait on
+	}
+}
+
 // waitStatus waits until container id's task on h has status want.
 func waitStatus(t *testing.T, h *ctrtest.Host, id, want string, timeout time.Duration) {
 	t.Helper()
@@ -127,15 +148,13 @@ func TestCtrContainerCheckpointRestoreLive(t *testing.T) {
 	// (the clone's parent) holds.
 	checkStdioOfShim(t, clonePid)
 	query(t, b, addrB, "RESUME")
-	after := parseKV(t, query(t, b, addrB, "VERIFY"), "verify ok")
-	if after.count <= got.count {
-		t.Errorf("clone does not run on: count %d then %d", got.count, after.count)
-	}
+	// The writers were parked: give them the time to move on (their
+	// first writes fault pages in from A) before a VERIFY parks them.
+	waitCountAbove(t, b, addrB, got.count, "clone")
+	parseKV(t, query(t, b, addrB, "VERIFY"), "verify ok")
 	// The source kept running and serving.
-	s2 := parseKV(t, query(t, a, addrA, "VERIFY"), "verify ok")
-	if s2.count <= src.count {
-		t.Errorf("source does not run on: count %d then %d", src.count, s2.count)
-	}
+	waitCountAbove(t, a, addrA, src.count, "source")
+	parseKV(t, query(t, a, addrA, "VERIFY"), "verify ok")
 
 	// A second clone of another snapshot, taken under fire.
 	b.MustCtr(t, "task", "kill", "-s", "KILL", "clone1")
