@@ -90,10 +90,8 @@ func testCloneInPidNS(t *testing.T, opts Options) {
 		t.Fatal(err)
 	}
 	for _, tid := range tids {
-		r, err := child.Regs(tid)
-		if err != nil {
-			t.Fatal(err)
-		}
+		st, _ := stateOf(t, child, tid)
+		r := st.Regs
 		r.Rip, r.Rax, r.Orig_rax, r.Rdi = insn, unix.SYS_EXIT_GROUP, ^uint64(0), 42
 		if err := child.SetSavedRegs(tid, r); err != nil {
 			t.Fatal(err)

@@ -296,3 +296,23 @@ func tracerRunning() bool {
 	buf := make([]byte, 1<<20)
 	return bytes.Contains(buf[:runtime.Stack(buf, true)], []byte("(*tracer).loop"))
 }
+
+// stateOf returns thread tid's (0: the leader's) ThreadState and the
+// process-wide pending signals, failing the test on error.
+func stateOf(t testing.TB, p *Process, tid int) (ThreadState, []Siginfo) {
+	t.Helper()
+	if tid == 0 {
+		tid = p.Pid()
+	}
+	sts, shared, err := p.ThreadStates()
+	if err != nil {
+		t.Fatalf("thread states: %v", err)
+	}
+	for _, st := range sts {
+		if st.Tid == tid {
+			return st, shared
+		}
+	}
+	t.Fatalf("thread %d not among %d stopped threads", tid, len(sts))
+	return ThreadState{}, nil
+}

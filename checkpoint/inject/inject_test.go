@@ -43,20 +43,17 @@ func TestSeizeDetachThreads(t *testing.T) {
 				if len(tids) != 6 || tids[0] != tg.pid || !slices.Contains(tids, tg.tid) {
 					t.Fatalf("threads %v: want 6, leader %d first, reader %d", tids, tg.pid, tg.tid)
 				}
-				r, err := p.Regs(tg.tid)
-				if err != nil {
-					t.Fatal(err)
-				}
+				st, _ := stateOf(t, p, tg.tid)
+				r := st.Regs
 				if r.Orig_rax != unix.SYS_READ || int64(r.Rax) != -errRestartSys {
 					t.Errorf("reader regs: orig_rax %d rax %d, want read interrupted with -ERESTARTSYS", r.Orig_rax, int64(r.Rax))
 				}
-				lr, _ := p.Regs(0)
+				ls, _ := stateOf(t, p, 0)
+				lr := ls.Regs
 				t.Logf("leader orig_rax %d rax %d", int64(lr.Orig_rax), int64(lr.Rax))
 				for _, tid := range tids {
-					r0, err := p.Regs(tid)
-					if err != nil {
-						t.Fatal(err)
-					}
+					s0, _ := stateOf(t, p, tid)
+					r0 := s0.Regs
 					pid, err := p.Syscall(tid, unix.SYS_GETPID)
 					if err != nil || int(pid) != tg.pid {
 						t.Errorf("getpid in %d = %d, %v; want %d", tid, pid, err, tg.pid)
@@ -65,8 +62,8 @@ func TestSeizeDetachThreads(t *testing.T) {
 					if err != nil || int(got) != tid {
 						t.Errorf("gettid in %d = %d, %v", tid, got, err)
 					}
-					if r1, err := p.Regs(tid); err != nil || r1 != r0 {
-						t.Errorf("saved regs of %d changed by injection (%v)", tid, err)
+					if s1, _ := stateOf(t, p, tid); s1.Regs != r0 {
+						t.Errorf("saved regs of %d changed by injection", tid)
 					}
 				}
 				if err := p.Detach(); err != nil {
@@ -626,18 +623,12 @@ func TestThreadState(t *testing.T) {
 	waitFor(t, "target in rt_sigsuspend", func() bool { return inSyscall(tg.pid, tg.pid, unix.SYS_RT_SIGSUSPEND) })
 	blk := statusField(t, status, "SigBlk") // the temporary mask of sigsuspend
 	p := seizeT(t, tg.pid, Options{})
-	rs, err := p.Rseq(0)
-	if err != nil {
-		t.Fatal(err)
-	}
+	st, _ := stateOf(t, p, 0)
+	rs := st.Rseq
 	if rs.Addr == 0 || rs.Len < 32 || rs.Sig != 0x53053053 {
 		t.Errorf("rseq %+v: want glibc's registration", rs)
 	}
-	m, err := p.SigMask(0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if m != sigBit(unix.SIGCHLD) {
+	if m := st.SigMask; m != sigBit(unix.SIGCHLD) {
 		t.Errorf("sigmask %#x, want SIGCHLD only", m)
 	}
 	// Pending: a thread-directed SIGWINCH (default: ignore) and a
@@ -648,10 +639,8 @@ func TestThreadState(t *testing.T) {
 	if err := unix.Kill(tg.pid, unix.SIGCHLD); err != nil {
 		t.Fatal(err)
 	}
-	xs, err := p.XState(0)
-	if err != nil {
-		t.Fatal(err)
-	}
+	st, _ = stateOf(t, p, 0)
+	xs := st.XState
 	if len(xs) < 576 {
 		t.Fatalf("xstate %d bytes", len(xs))
 	}
@@ -661,18 +650,11 @@ func TestThreadState(t *testing.T) {
 	if _, err := p.Syscall(0, unix.SYS_GETPID); err != nil {
 		t.Fatal(err)
 	}
-	xs2, err := p.XState(0)
-	if err != nil || !bytes.Equal(xs, xs2) {
-		t.Errorf("xstate changed by injection (%v)", err)
+	st, shared := stateOf(t, p, 0)
+	if !bytes.Equal(xs, st.XState) {
+		t.Errorf("xstate changed by injection")
 	}
-	own, err := p.PendingSignals(0, false)
-	if err != nil {
-		t.Fatal(err)
-	}
-	shared, err := p.PendingSignals(0, true)
-	if err != nil {
-		t.Fatal(err)
-	}
+	own := st.Pending
 	if len(own) != 1 || own[0].Signo != int32(unix.SIGWINCH) || own[0].Code != -6 /* SI_TKILL */ {
 		t.Errorf("thread pending %+v, want SIGWINCH from tgkill", own)
 	}

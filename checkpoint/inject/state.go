@@ -71,20 +71,6 @@ func (p *Process) closedErr(err error) error {
 	return err
 }
 
-// Regs returns the registers Detach will put back on thread tid (0: the
-// leader): as found by Seize, unless SetSavedRegs changed them.
-func (p *Process) Regs(tid int) (unix.PtraceRegs, error) {
-	var r unix.PtraceRegs
-	err := p.do(func() error {
-		th, err := p.thread(tid)
-		if err == nil {
-			r = th.saved
-		}
-		return err
-	})
-	return r, err
-}
-
 // SetSavedRegs sets the registers Detach puts back on thread tid (restore
 // uses it to give each thread its final state). Injected syscalls start from
 // these registers too, with rip, rax, orig_rax and the argument registers
@@ -101,22 +87,10 @@ func (p *Process) SetSavedRegs(tid int, r unix.PtraceRegs) error {
 	})
 }
 
-// XState returns thread tid's extended FPU state (PTRACE_GETREGSET
-// NT_X86_XSTATE). Injected syscalls do not change it.
-func (p *Process) XState(tid int) ([]byte, error) {
-	var out []byte
-	err := p.do(func() error {
-		th, err := p.thread(tid)
-		if err != nil {
-			return err
-		}
-		out, err = p.xstate(th)
-		return err
-	})
-	return out, err
-}
-
-// xstate is XState on the tracer goroutine.
+// xstate reads th's extended FPU state (PTRACE_GETREGSET NT_X86_XSTATE).
+// Injected syscalls do not change it.
+//
+// Preconditions: runs on the tracer goroutine.
 func (p *Process) xstate(th *thread) ([]byte, error) {
 	size := p.xstateSize
 	if size == 0 {
@@ -146,22 +120,6 @@ func (p *Process) SetXState(tid int, b []byte) error {
 	})
 }
 
-// SigMask returns the signal mask Detach will put back on thread tid (bit
-// n-1 is signal n): as found (PTRACE_GETSIGMASK), unless SetSigMask changed
-// it. For a thread stopped in ppoll, pselect or sigsuspend this is its
-// normal mask, not the temporary one.
-func (p *Process) SigMask(tid int) (uint64, error) {
-	var m uint64
-	err := p.do(func() error {
-		th, err := p.thread(tid)
-		if err == nil {
-			m = th.mask
-		}
-		return err
-	})
-	return m, err
-}
-
 // SetSigMask sets the signal mask Detach puts on thread tid
 // (PTRACE_SETSIGMASK at Detach).
 func (p *Process) SetSigMask(tid int, m uint64) error {
@@ -175,20 +133,7 @@ func (p *Process) SetSigMask(tid int, m uint64) error {
 	})
 }
 
-// Rseq returns thread tid's rseq registration.
-func (p *Process) Rseq(tid int) (RseqConfig, error) {
-	var c RseqConfig
-	err := p.do(func() error {
-		th, err := p.thread(tid)
-		if err != nil {
-			return err
-		}
-		c, err = rseq(th)
-		return err
-	})
-	return c, err
-}
-
+// rseq reads th's rseq registration.
 func rseq(th *thread) (RseqConfig, error) {
 	k, err := ptraceGetRseq(th.tid)
 	if err != nil {
@@ -197,21 +142,8 @@ func rseq(th *thread) (RseqConfig, error) {
 	return RseqConfig{Addr: k.Addr, Len: k.Len, Flags: k.Flags, Sig: k.Sig}, nil
 }
 
-// PendingSignals returns the signals queued for thread tid (shared: the
-// process-wide queue instead), without dequeuing them (PTRACE_PEEKSIGINFO).
-func (p *Process) PendingSignals(tid int, shared bool) ([]Siginfo, error) {
-	var out []Siginfo
-	err := p.do(func() error {
-		th, err := p.thread(tid)
-		if err != nil {
-			return err
-		}
-		out, err = pending(th, shared)
-		return err
-	})
-	return out, err
-}
-
+// pending reads the signals queued for th (shared: the process-wide
+// queue) without dequeuing them (PTRACE_PEEKSIGINFO).
 func pending(th *thread, shared bool) ([]Siginfo, error) {
 	var out []Siginfo
 	var buf [32]Siginfo
@@ -230,9 +162,9 @@ func pending(th *thread, shared bool) ([]Siginfo, error) {
 // ThreadState is what a dump records of one stopped thread.
 type ThreadState struct {
 	Tid     int
-	Regs    unix.PtraceRegs // as Regs
+	Regs    unix.PtraceRegs // what Detach puts back: as found, unless SetSavedRegs changed them
 	XState  []byte
-	SigMask uint64 // as SigMask
+	SigMask uint64 // what Detach puts back: as found (for a thread in ppoll or sigsuspend its normal mask, not the temporary one), unless SetSigMask changed it
 	Rseq    RseqConfig
 	Pending []Siginfo // the thread's own queue
 }
