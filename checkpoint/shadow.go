@@ -98,7 +98,6 @@ func (d *dumper) shadowSnapshot(p *image.Process, runs []pinRun, pm *procfs.Page
 	if err := checkInherited(p, runs, pm, sh.Pid()); err != nil {
 		return nil, err
 	}
-	s.planned.Store(true)
 	d.recordRuns(s, p)
 	d.mark("fork")
 	return s, nil
@@ -110,8 +109,9 @@ func (d *dumper) shadowSnapshot(p *image.Process, runs []pinRun, pm *procfs.Page
 // got either advice since, on the whole mapping (which leaves its bounds
 // as they were), would be missing from the shadow or empty there, and the
 // snapshot would serve zeros. A mapping where the frozen target has a
-// page and the shadow has none fails the dump. Two page-map lookups that
-// stop at the first page, per mapping.
+// page and the shadow has none fails the dump. One page-map lookup that
+// stops at the first page per mapping, two for a mapping the shadow has
+// no page of.
 func checkInherited(p *image.Process, runs []pinRun, pm *procfs.Pagemap, pid int) error {
 	spm, err := procfs.OpenPagemap(pid)
 	if err != nil {
@@ -130,16 +130,20 @@ func checkInherited(p *image.Process, runs []pinRun, pm *procfs.Pagemap, pid int
 		}
 		last = r.vma
 		v := p.Vmas[r.vma]
+		sh, serr := hasPage(spm, v)
+		if serr == nil && sh {
+			continue
+		}
+		// Empty in the shadow: the runs came from the target's page map
+		// (or, for a mapping wholly resident before the freeze, from
+		// its size alone), so look at the frozen target only now.
 		has, err := hasPage(pm, v)
 		if err != nil {
 			return fmt.Errorf("scan page map %#x-%#x: %w", v.Start, v.End, err)
 		}
-		if !has {
-			continue
-		}
-		if sh, err := hasPage(spm, v); err != nil || !sh {
+		if has {
 			return fmt.Errorf("mapping %#x-%#x was not inherited by the shadow with its pages (%v): MADV_DONTFORK or MADV_WIPEONFORK set since the snapshot began; retry, or use copy-on-write method uffd: %w",
-				v.Start, v.End, err, ErrUnsupported)
+				v.Start, v.End, serr, ErrUnsupported)
 		}
 	}
 	return nil
