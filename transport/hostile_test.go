@@ -8,6 +8,7 @@ import (
 	"net"
 	"os"
 	"runtime"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -484,7 +485,7 @@ func (s *stallSource) ReadPages(ctx context.Context, proc uint32, addr uint64, b
 }
 
 // TestShutdownWaitsForBulk: Shutdown returns only after the bulk sessions
-// ended, so no page read runs after it.
+// ended: no page read runs and no ring is mapped after it.
 func TestShutdownWaitsForBulk(t *testing.T) {
 	requireRing(t)
 	for _, stop := range []string{"shutdown", "close"} {
@@ -520,6 +521,12 @@ func TestShutdownWaitsForBulk(t *testing.T) {
 			}
 			if n := src.active.Load(); n != 0 {
 				t.Errorf("%d page reads still running after %s", n, stop)
+			}
+			// The session's last act is to unmap its ring: still mapped,
+			// the session outlived Shutdown (the read above ends earlier,
+			// at the release gate, so it alone cannot tell).
+			if maps, err := os.ReadFile("/proc/self/maps"); err != nil || strings.Contains(string(maps), "memfd:cowmig-pages") {
+				t.Errorf("a bulk session's ring is still mapped after %s (%v)", stop, err)
 			}
 			if err := <-served; err != nil {
 				t.Errorf("serve: %v", err)
