@@ -46,25 +46,9 @@ CONTAINERD_MOD=github.com/containerd/containerd/v2
 NERDCTL_MOD=github.com/containerd/nerdctl/v2
 TIGRON_MOD=github.com/containerd/nerdctl/mod/tigron
 
-check=0
-case "${1:-}" in
---check) check=1 ;;
-"") ;;
-*)
-	echo "usage: $0 [--check]" >&2
-	exit 2
-	;;
-esac
-
-did=()
-say() { echo "containerd-deps: $*"; }
-
-need_root() {
-	if [ "$(id -u)" -ne 0 ]; then
-		say "must run as root to $1" >&2
-		exit 1
-	fi
-}
+SAY_PREFIX=containerd-deps
+# shellcheck source=scripts/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 if [ ! -x "$GO" ]; then
 	say "Go is not installed at $GO; run scripts/deps.sh first" >&2
@@ -82,15 +66,7 @@ modversion() {
 
 # 1. runc from Debian.
 if ! command -v runc >/dev/null 2>&1; then
-	if [ $check -eq 1 ]; then
-		did+=("would apt-get install runc")
-	else
-		need_root "install runc"
-		say "installing runc (apt)"
-		apt-get update
-		DEBIAN_FRONTEND=noninteractive apt-get install -y runc
-		did+=("installed runc from apt")
-	fi
+	apt_install runc
 fi
 
 # 2. containerd, ctr, containerd-shim-runc-v2.
@@ -151,11 +127,7 @@ if [ "$("$BINDIR/nerdctl" --version 2>/dev/null || true)" != "nerdctl version ${
 	fi
 fi
 
-if [ ${#did[@]} -eq 0 ]; then
-	say "nothing to do"
-else
-	for d in "${did[@]}"; do say "$d"; done
-fi
+report_done "nothing to do"
 
 # Versions, as the tools report them.
 if [ $check -eq 0 ]; then

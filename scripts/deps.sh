@@ -17,25 +17,9 @@ GOROOT_BIN=/usr/local/go/bin
 PIPE_MAX_SIZE=4194304
 SYSCTL_CONF=/etc/sysctl.d/90-cowmig.conf
 
-check=0
-case "${1:-}" in
---check) check=1 ;;
-"") ;;
-*)
-	echo "usage: $0 [--check]" >&2
-	exit 2
-	;;
-esac
-
-did=()
-say() { echo "deps: $*"; }
-
-need_root() {
-	if [ "$(id -u)" -ne 0 ]; then
-		say "must run as root to $1" >&2
-		exit 1
-	fi
-}
+SAY_PREFIX=deps
+# shellcheck source=scripts/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 # 1. Debian packages.
 missing=()
@@ -45,15 +29,7 @@ for p in $PACKAGES; do
 	fi
 done
 if [ ${#missing[@]} -gt 0 ]; then
-	if [ $check -eq 1 ]; then
-		did+=("would install: ${missing[*]}")
-	else
-		need_root "install ${missing[*]}"
-		say "installing ${missing[*]}"
-		apt-get update
-		DEBIAN_FRONTEND=noninteractive apt-get install -y "${missing[@]}"
-		did+=("installed: ${missing[*]}")
-	fi
+	apt_install "${missing[@]}"
 fi
 
 # 2. Go. Debian 12's golang is too old for go.mod; Go lives in /usr/local/go.
@@ -93,8 +69,4 @@ if [ "$cur" -lt "$PIPE_MAX_SIZE" ]; then
 	fi
 fi
 
-if [ ${#did[@]} -eq 0 ]; then
-	say "nothing to do: packages present, Go on PATH, fs.pipe-max-size = $cur"
-else
-	for d in "${did[@]}"; do say "$d"; done
-fi
+report_done "nothing to do: packages present, Go on PATH, fs.pipe-max-size = $cur"
