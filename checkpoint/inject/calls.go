@@ -137,23 +137,11 @@ func (p *Process) runToTrap(th *thread, r *unix.PtraceRegs, end uint64) error {
 	th.regsSet = true
 	sig := 0
 	for tries := 0; tries < maxStepRetries; tries++ {
-		if err := ptraceRaw(unix.PTRACE_CONT, th.tid, 0, uintptr(sig)); err != nil {
-			return goneErr(th, fmt.Errorf("resume: %w", err))
+		ws, err := resumeWait(th, unix.PTRACE_CONT, sig)
+		if err != nil {
+			return err
 		}
 		sig = 0
-		th.parked = false
-		ws, err := wait4(th.tid, 0)
-		if err != nil {
-			if err == unix.ECHILD {
-				th.gone, th.reaped = true, true
-				return fmt.Errorf("wait: %w: %w", ErrTraceeGone, err)
-			}
-			return fmt.Errorf("wait: %w", err)
-		}
-		if ws.Exited() || ws.Signaled() {
-			th.gone, th.reaped = true, true
-			return fmt.Errorf("thread exited (%#x): %w", uint32(ws), ErrTraceeGone)
-		}
 		if !ws.Stopped() {
 			continue
 		}

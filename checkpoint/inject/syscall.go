@@ -265,6 +265,31 @@ func (p *Process) inject(th *thread, nr uintptr, a [6]uintptr, onEvent func(ev i
 	}
 }
 
+// resumeWait resumes th with ptrace request req (delivering sig) and waits
+// for its next report. A thread that exited or was reaped is marked gone
+// and reported as ErrTraceeGone.
+//
+// Preconditions: runs on the tracer goroutine.
+func resumeWait(th *thread, req, sig int) (unix.WaitStatus, error) {
+	if err := ptraceRaw(req, th.tid, 0, uintptr(sig)); err != nil {
+		return 0, goneErr(th, fmt.Errorf("resume: %w", err))
+	}
+	th.parked = false
+	ws, err := wait4(th.tid, 0)
+	if err != nil {
+		if err == unix.ECHILD {
+			th.gone, th.reaped = true, true
+			return 0, fmt.Errorf("wait: %w: %w", ErrTraceeGone, err)
+		}
+		return 0, fmt.Errorf("wait: %w", err)
+	}
+	if ws.Exited() || ws.Signaled() {
+		th.gone, th.reaped = true, true
+		return 0, fmt.Errorf("thread exited (%#x): %w", uint32(ws), ErrTraceeGone)
+	}
+	return ws, nil
+}
+
 // step executes the `syscall` instruction at r.Rip in th once, with r, and
 // returns rax after it.
 //
@@ -283,23 +308,11 @@ func (p *Process) step(th *thread, r *unix.PtraceRegs, onEvent func(ev int) erro
 			}
 			th.regsSet, setRegs = true, false
 		}
-		if err := ptraceRaw(req, th.tid, 0, uintptr(sig)); err != nil {
-			return 0, goneErr(th, fmt.Errorf("resume: %w", err))
+		ws, err := resumeWait(th, req, sig)
+		if err != nil {
+			return 0, err
 		}
 		sig = 0
-		th.parked = false
-		ws, err := wait4(th.tid, 0)
-		if err != nil {
-			if err == unix.ECHILD {
-				th.gone, th.reaped = true, true
-				return 0, fmt.Errorf("wait: %w: %w", ErrTraceeGone, err)
-			}
-			return 0, fmt.Errorf("wait: %w", err)
-		}
-		if ws.Exited() || ws.Signaled() {
-			th.gone, th.reaped = true, true
-			return 0, fmt.Errorf("thread exited (%#x): %w", uint32(ws), ErrTraceeGone)
-		}
 		if !ws.Stopped() {
 			continue
 		}
