@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"os"
 	"strings"
 
 	"golang.org/x/sys/unix"
@@ -53,19 +52,8 @@ const shadowName = "cowmig-shadow"
 // (see COW): not part of the workload. A shadow is named shadowName and
 // has exit signal 0 (a workload's child would rarely have both).
 func IsShadow(pid int) bool {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		return false
-	}
-	s := string(b)
-	open, end := strings.IndexByte(s, '('), strings.LastIndexByte(s, ')')
-	if open < 0 || end < open || s[open+1:end] != shadowName {
-		return false
-	}
-	// Fields after "(comm) ": state is the first, exit_signal the 36th
-	// (field 38 of proc(5)).
-	f := strings.Fields(s[end+1:])
-	return len(f) > 35 && f[35] == "0"
+	st, err := procfs.ReadStat(pid)
+	return err == nil && st.Comm == shadowName && st.ExitSignal == 0
 }
 
 // shadowSnapshot forks the frozen target into a shadow that holds runs and
